@@ -1,0 +1,155 @@
+"""Read a Hugging Face model config (config.json) into a ModelSpec, without transformers.
+
+Supported model types: llama, mistral, qwen2 (the Llama-style family) and gpt2. The defaults
+for missing keys are those of the transformers config classes of the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from memplan.errors import ConfigError
+from memplan.spec import ModelSpec
+
+# A real config.json is a few KiB; anything far larger is not one (and must not fill memory).
+MAX_CONFIG_BYTES = 4 * 2**20
+# Bounds that no real transformer comes near, so that 1e308 fails fast and clearly.
+_MAX_DIM = 2**22
+_MAX_VOCAB = 2**26
+_MAX_LAYERS = 10_000
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = (*LLAMA_TYPES, "gpt2")
+
+
+def _int(cfg: dict[str, Any], key: str, where: str, default: Any = None,
+         upper: int = _MAX_DIM) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        raise ConfigError(f"{where}: missing {key!r}; a {cfg.get('model_type')} config needs it")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    if not 0 < value <= upper:
+        raise ConfigError(f"{where}: {key} = {value} is out of range (1 to {upper})")
+    return value
+
+
+def _bool(cfg: dict[str, Any], key: str, where: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _prob(cfg: dict[str, Any], key: str, where: str) -> float:
+    value = cfg.get(key, 0.0) or 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError(f"{where}: {key} must be a probability in [0, 1), got {value!r}")
+    return float(value)
+
+
+def spec_from_config(cfg: Any, name: str = "config", where: str | None = None) -> ModelSpec:
+    """Build a ModelSpec from a parsed Hugging Face config dictionary."""
+    where = where or name
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: a model config must be a JSON object, got "
+                          f"{type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise ConfigError(f"{where}: model_type {model_type!r} is not supported; supported: "
+                          f"{', '.join(SUPPORTED_TYPES)}")
+    if model_type == "gpt2":
+        hidden = _int(cfg, "n_embd", where)
+        heads = _int(cfg, "n_head", where)
+        if hidden % heads:
+            raise ConfigError(f"{where}: n_embd {hidden} is not a multiple of n_head {heads}")
+        return ModelSpec(
+            name=name, family="gpt2", model_type=model_type,
+            vocab_size=_int(cfg, "vocab_size", where, upper=_MAX_VOCAB),
+            hidden_size=hidden,
+            num_layers=_int(cfg, "n_layer", where, upper=_MAX_LAYERS),
+            num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+            intermediate_size=_int(cfg, "n_inner", where, default=4 * hidden),
+            gated_mlp=False, activation=str(cfg.get("activation_function", "gelu_new")),
+            qkv_bias=True, out_bias=True, mlp_bias=True, norm="layernorm",
+            tie_embeddings=_bool(cfg, "tie_word_embeddings", where, True),
+            learned_positions=True,
+            max_positions=_int(cfg, "n_positions", where, default=1024, upper=2**24),
+            dropout=_prob(cfg, "resid_pdrop", where),
+        )
+    hidden = _int(cfg, "hidden_size", where)
+    heads = _int(cfg, "num_attention_heads", where)
+    kv_heads = _int(cfg, "num_key_value_heads", where, default=heads)
+    if cfg.get("head_dim") is None and hidden % heads:
+        raise ConfigError(f"{where}: hidden_size {hidden} is not a multiple of "
+                          f"num_attention_heads {heads}; give head_dim")
+    head_dim = _int(cfg, "head_dim", where, default=hidden // heads)
+    if heads % kv_heads:
+        raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of "
+                          f"num_key_value_heads {kv_heads}")
+    # transformers: Llama's attention_bias covers q, k, v and o; Qwen2 always biases q, k, v
+    # and never o; Mistral has no biases.
+    if model_type == "qwen2":
+        qkv_bias, out_bias = True, False
+    elif model_type == "llama":
+        qkv_bias = out_bias = _bool(cfg, "attention_bias", where, False)
+    else:
+        qkv_bias = out_bias = False
+    act = str(cfg.get("hidden_act", "silu"))
+    return ModelSpec(
+        name=name, family="llama", model_type=model_type,
+        vocab_size=_int(cfg, "vocab_size", where, upper=_MAX_VOCAB),
+        hidden_size=hidden,
+        num_layers=_int(cfg, "num_hidden_layers", where, upper=_MAX_LAYERS),
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        intermediate_size=_int(cfg, "intermediate_size", where),
+        gated_mlp=True, activation=act,
+        qkv_bias=qkv_bias, out_bias=out_bias,
+        mlp_bias=model_type == "llama" and _bool(cfg, "mlp_bias", where, False),
+        norm="rmsnorm",
+        tie_embeddings=_bool(cfg, "tie_word_embeddings", where, False),
+        learned_positions=False,
+        max_positions=_int(cfg, "max_position_embeddings", where, default=4096, upper=2**24),
+        dropout=_prob(cfg, "attention_dropout", where),
+    )
+
+
+def load_config(path: str | Path) -> ModelSpec:
+    """Read config.json at ``path`` (a file, or a folder holding config.json)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is a directory without a config.json; give the file")
+        path = path / "config.json"
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist; check the path")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is {size} bytes, far too large for a model config "
+                              f"(limit {MAX_CONFIG_BYTES}); give the model's config.json")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        cfg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except ConfigError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); give a Hugging Face config.json"
+                          ) from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deeply to be a model config") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    name = path.parent.name if path.name == "config.json" else path.stem
+    return spec_from_config(cfg, name=name or "config", where=str(path))
+
+
+def _reject_constant(token: str) -> float:
+    raise ConfigError(f"config holds {token}, which is not a valid size")

@@ -1,0 +1,152 @@
+"""Frozen dataclasses that describe what is planned: the model, the LoRA adapters, the job.
+
+Variants are made with :func:`dataclasses.replace`; nothing here is ever mutated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from memplan.errors import MemplanError
+
+FAMILIES = ("llama", "gpt2")
+REGIMES = (
+    "full", "mixed", "zero", "lora", "classifier", "input-adapter",  # the six of the notes
+    "lora-bf16", "qlora", "bitfit", "prompt-tuning", "zero1", "zero2", "zero3",
+)
+NOTES_REGIMES = REGIMES[:6]
+OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
+OPTIMIZER_IMPLS = ("fused", "foreach", "forloop")
+ATTENTIONS = ("sdpa", "eager", "flash")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer, as much of it as memory depends on.
+
+    ``family`` picks the block layout: ``llama`` (RMSNorm, rotary positions, q/k/v/o
+    projections with grouped-query attention, SwiGLU or plain MLP) or ``gpt2`` (LayerNorm with
+    bias, learned positions, fused c_attn, GELU MLP with c_fc/c_proj).
+    """
+
+    name: str
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    gated_mlp: bool = True
+    activation: str = "silu"
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    norm: str = "rmsnorm"
+    tie_embeddings: bool = False
+    learned_positions: bool = False
+    max_positions: int = 4096
+    dropout: float = 0.0
+    model_type: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise MemplanError(f"model family {self.family!r} is not one of {FAMILIES}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size", "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise MemplanError(f"{name} of model {self.name!r} must be a positive integer, "
+                                   f"got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise MemplanError(
+                f"num_heads {self.num_heads} of model {self.name!r} is not a multiple of "
+                f"num_kv_heads {self.num_kv_heads}"
+            )
+        if self.norm not in ("rmsnorm", "layernorm"):
+            raise MemplanError(f"norm {self.norm!r} must be rmsnorm or layernorm")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MemplanError(f"dropout {self.dropout!r} must be in [0, 1)")
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection, heads × head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of each of the key and value projections (GQA: kv_heads × head_dim)."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def norm_bias(self) -> bool:
+        """LayerNorm carries a bias; RMSNorm does not."""
+        return self.norm == "layernorm"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters: rank R, scaling alpha/R, which linear layers, and optional embeddings."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str | tuple[str, ...] = "all"
+    train_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise MemplanError(f"LoRA rank must be a positive integer, got {self.rank!r}; "
+                               "try --rank 8")
+        if not self.alpha > 0:
+            raise MemplanError(f"LoRA alpha must be positive, got {self.alpha!r}; try --alpha 16")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The training job: regime, shapes, optimizer and the memory-saving options.
+
+    ``batch`` is the micro-batch per GPU. Without ``batch`` and ``seq`` the plan holds model
+    states only (the notes' formulas) and says that activations are excluded.
+    """
+
+    regime: str = "full"
+    batch: int | None = None
+    seq: int | None = None
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    num_classes: int = 2
+    prompt_tokens: int = 20
+    gpus: int = 1
+    optimizer: str = "adamw"
+    optimizer_impl: str = "fused"
+    checkpointing: bool = False
+    attention: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("regime", self.regime, REGIMES),
+            ("optimizer", self.optimizer, OPTIMIZERS),
+            ("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS),
+            ("attention", self.attention, ATTENTIONS),
+        )
+        for what, value, choices in checks:
+            if value not in choices:
+                from memplan.errors import unknown
+
+                raise unknown(what, value, choices)
+        for name in ("batch", "seq"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value <= 0):
+                raise MemplanError(f"--{name} must be a positive integer, got {value!r}")
+        if (self.batch is None) != (self.seq is None):
+            raise MemplanError("give both --batch and --seq to plan activations, or neither")
+        for name, flag in (("gpus", "--gpus"), ("num_classes", "--classes"),
+                           ("prompt_tokens", "--prompt-tokens")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise MemplanError(f"{flag} must be a positive integer, got {value!r}")
+
+    @property
+    def has_activations(self) -> bool:
+        """Whether batch and sequence length were given, so activations are planned."""
+        return self.batch is not None and self.seq is not None
