@@ -88,15 +88,37 @@ def lm_head_params(spec: ModelSpec) -> int:
     return 0 if spec.tie_embeddings else spec.vocab_size * spec.hidden_size
 
 
+def block_tensor_sizes(spec: ModelSpec) -> list[int]:
+    """Element counts of each parameter tensor of one block (weights, biases, norms)."""
+    sizes = []
+    for layer in block_linears(spec):
+        sizes.append(layer.in_features * layer.out_features)
+        if layer.bias:
+            sizes.append(layer.out_features)
+    norm = [spec.hidden_size] * (2 if spec.norm_bias else 1)
+    return sizes + 2 * norm
+
+
+def param_tensor_sizes(spec: ModelSpec) -> list[int]:
+    """Element counts of every parameter tensor of the model, tied weights once."""
+    sizes = [embedding_params(spec)]
+    if spec.learned_positions:
+        sizes.append(position_params(spec))
+    sizes += spec.num_layers * block_tensor_sizes(spec)
+    sizes += [spec.hidden_size] * (2 if spec.norm_bias else 1)  # the final norm
+    if not spec.tie_embeddings:
+        sizes.append(lm_head_params(spec))
+    return sizes
+
+
 def count_params(spec: ModelSpec) -> int:
     """N: every parameter of the model, tied weights counted once."""
-    return (
-        embedding_params(spec)
-        + position_params(spec)
-        + spec.num_layers * block_params(spec)
-        + norm_params(spec)  # the final norm
-        + lm_head_params(spec)
-    )
+    return sum(param_tensor_sizes(spec))
+
+
+def buffer_bytes(spec: ModelSpec) -> int:
+    """Non-parameter buffers of the reference model: rotary ``inv_freq`` (head_dim/2, fp32)."""
+    return 0 if spec.learned_positions else spec.head_dim // 2 * 4
 
 
 def bias_params(spec: ModelSpec) -> int:

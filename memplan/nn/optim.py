@@ -1,0 +1,249 @@
+"""Optimizers: torch's, by name and implementation, and the notes' mixed-precision recipe.
+
+:func:`build_optimizer` maps the planner's names to ``torch.optim``. :class:`MixedAdamW` is the
+``mixed`` regime of the notes for fp32 weights: bf16 gradients, bf16 momentum, fp32 second
+moment, i.e. per trainable element 4 (weight) + 2 (grad) + 2 (m) + 4 (v) = 12 bytes, 12N.
+:class:`MixedSGD` is the SGD analogue: 4 + 2 + 2 (bf16 momentum buffer) = 8N, or 6N without
+momentum.
+
+PyTorch insists that ``param.grad`` has the parameter's dtype, so a bf16 gradient cannot live
+in ``.grad`` of an fp32 weight. Both mixed optimizers register on every parameter a
+``register_post_accumulate_grad_hook`` that adds the fresh fp32 ``p.grad`` into a bf16 buffer
+they own and then frees ``p.grad``: at most one parameter's fp32 gradient is alive at a time
+(beside the ones autograd is still accumulating), and gradient accumulation over several
+backward passes works (the buffer sums them, in bf16).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from memplan.errors import MemplanError, unknown
+from memplan.spec import OPTIMIZER_IMPLS, OPTIMIZERS
+
+__all__ = ["build_optimizer", "MixedAdamW", "MixedSGD", "optimizer_state_tensors"]
+
+SGD_MOMENTUM = 0.9  # the momentum of "sgd-momentum", the common default
+
+
+def _param_list(params: Iterable[nn.Parameter] | dict[str, nn.Parameter]) -> list[nn.Parameter]:
+    items = list(params.values()) if isinstance(params, dict) else list(params)
+    if not items:
+        raise MemplanError("the optimizer got no trainable parameters")
+    return items
+
+
+def build_optimizer(params: Iterable[nn.Parameter] | dict[str, nn.Parameter],
+                    optimizer: str = "adamw", impl: str = "fused", lr: float = 1e-3,
+                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """A ``torch.optim`` optimizer by the planner's names.
+
+    ``adamw`` → ``AdamW`` (state m, v: 8 bytes per fp32 element); ``sgd`` → ``SGD`` (no
+    state); ``sgd-momentum`` → ``SGD(momentum=0.9)`` (one buffer, 4 bytes per element).
+    ``impl``: ``fused`` (``fused=True``: one kernel, no temporaries), ``foreach``
+    (``foreach=True``: multi-tensor ops whose temporaries are about one extra copy of the
+    trainable parameters), ``forloop`` (``foreach=False, fused=False``: one parameter at a
+    time, temporaries of one parameter's size).
+
+    Raises:
+        MemplanError: an unknown optimizer or implementation, or no parameters.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise unknown("optimizer", optimizer, OPTIMIZERS)
+    if impl not in OPTIMIZER_IMPLS:
+        raise unknown("optimizer implementation", impl, OPTIMIZER_IMPLS)
+    flags = {"fused": {"fused": True}, "foreach": {"foreach": True},
+             "forloop": {"foreach": False, "fused": False}}[impl]
+    items = _param_list(params)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(items, lr=lr, weight_decay=weight_decay, **flags)
+    momentum = SGD_MOMENTUM if optimizer == "sgd-momentum" else 0.0
+    return torch.optim.SGD(items, lr=lr, momentum=momentum, weight_decay=weight_decay, **flags)
+
+
+def optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor an optimizer owns (its state: m, v, momentum, step counters, buffers).
+
+    Uses ``opt.state_tensors()`` when the optimizer has one (the mixed optimizers here).
+    """
+    own = getattr(opt, "state_tensors", None)
+    if callable(own):
+        return list(own())
+    return [value for state in opt.state.values() for value in state.values()
+            if isinstance(value, torch.Tensor)]
+
+
+class _BF16GradOptimizer(torch.optim.Optimizer):
+    """Base of the mixed optimizers: bf16 gradient buffers filled by post-accumulate hooks."""
+
+    grad_dtype = torch.bfloat16
+
+    def __init__(self, params: Iterable[nn.Parameter] | dict[str, nn.Parameter],
+                 defaults: dict) -> None:
+        items = [p for p in _param_list(params) if p.requires_grad]
+        if not items:
+            raise MemplanError("the optimizer got no parameters that require grad")
+        super().__init__(items, defaults)
+        # Allocated once here (2 bytes per element), zeroed in place by zero_grad.
+        self.grad_buffers: dict[nn.Parameter, torch.Tensor] = {
+            p: torch.zeros_like(p, dtype=self.grad_dtype, memory_format=torch.preserve_format)
+            for p in items
+        }
+        self._has_grad: dict[nn.Parameter, bool] = {p: False for p in items}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._take_grad) for p in items]
+
+    def _take_grad(self, param: torch.Tensor) -> None:
+        """Add the fresh fp32 gradient into the bf16 buffer (cast element-wise, no fp32
+        temporary) and free ``param.grad``."""
+        if param.grad is None:
+            return
+        self.grad_buffers[param].add_(param.grad)
+        self._has_grad[param] = True
+        param.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the bf16 gradient buffers in place (never reallocated); ``p.grad`` stays None.
+
+        ``set_to_none`` is accepted for API compatibility; the buffers are always kept.
+        """
+        for param, buf in self.grad_buffers.items():
+            buf.zero_()
+            self._has_grad[param] = False
+            param.grad = None
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks from the parameters (for reuse with another optimizer)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this optimizer owns: the bf16 gradient buffers and the state."""
+        tensors = list(self.grad_buffers.values())
+        for state in self.state.values():
+            tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        return tensors
+
+    def _params_with_grad(self) -> Iterable[tuple[dict, nn.Parameter, torch.Tensor]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._has_grad.get(p, False):
+                    yield group, p, self.grad_buffers[p]
+
+
+class MixedAdamW(_BF16GradOptimizer):
+    """AdamW for fp32 weights with bf16 gradients, bf16 momentum m and fp32 second moment v.
+
+    For each parameter with a gradient g (read from the bf16 buffer) at step t, as
+    ``torch.optim.AdamW`` (Loshchilov & Hutter, decoupled weight decay λ):
+
+        θ ← θ · (1 − lr·λ)
+        m ← β1·m + (1 − β1)·g          (computed in fp32, stored rounded to bf16)
+        v ← β2·v + (1 − β2)·g²         (fp32, in place)
+        θ ← θ − (lr / (1 − β1^t)) · m / (√v / √(1 − β2^t) + ε)
+
+    The update uses the fp32 value of the new m, before rounding.
+
+    Memory per trainable element: 2 (grad buffer) + 2 (m) + 4 (v) bytes of state; m and v are
+    created on the first step, the grad buffers at construction. Temporaries of ``step``: it
+    loops over parameters one at a time and holds, for ONE parameter of n elements, exactly two
+    fp32 tensors of n elements (8n bytes): ``g32`` (the gradient upcast, reused in place as the
+    denominator √v/√(1−β2^t) + ε) and ``m32`` (the momentum upcast, updated in place); all
+    other operations are in place (``lerp_``, ``mul_``, ``addcmul_``, ``addcdiv_``).
+
+    Args:
+        params: the trainable fp32 parameters (those not requiring grad are skipped).
+        lr: learning rate. betas: (β1, β2). eps: ε. weight_decay: λ.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter] | dict[str, nn.Parameter],
+                 lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        if not lr >= 0 or not eps >= 0 or not weight_decay >= 0:
+            raise MemplanError(f"MixedAdamW needs lr, eps, weight_decay >= 0, got {lr}, {eps}, "
+                               f"{weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise MemplanError(f"MixedAdamW betas must be in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One AdamW update of every parameter that received a gradient since zero_grad."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p, grad_buf in self._params_with_grad():
+            lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
+                                           group["weight_decay"])
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+            t = state["step"]
+            g32 = grad_buf.to(torch.float32)                 # temporary 1: n fp32
+            m32 = state["exp_avg"].to(torch.float32)         # temporary 2: n fp32
+            v = state["exp_avg_sq"]
+            if wd != 0.0:
+                p.mul_(1.0 - lr * wd)
+            m32.lerp_(g32, 1.0 - beta1)
+            v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+            state["exp_avg"].copy_(m32)
+            bias_correction1 = 1.0 - beta1 ** t
+            bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+            denom = torch.sqrt(v, out=g32).div_(bias_correction2_sqrt).add_(eps)  # reuses g32
+            p.addcdiv_(m32, denom, value=-lr / bias_correction1)
+            del g32, m32, denom
+        return loss
+
+
+class MixedSGD(_BF16GradOptimizer):
+    """SGD (optionally with momentum μ) for fp32 weights with bf16 gradients and bf16 momentum.
+
+    As ``torch.optim.SGD`` without dampening or Nesterov: g ← g + λθ; b ← g on the first step,
+    else b ← μ·b + g (fp32, stored rounded to bf16); θ ← θ − lr·b (or θ − lr·g with μ = 0).
+
+    Memory per trainable element: 2 (grad buffer) + 2 (momentum, if μ > 0) bytes of state.
+    Temporaries of ``step``, one parameter of n elements at a time: ``g32`` (n fp32) and, with
+    momentum, ``b32`` (n fp32).
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter] | dict[str, nn.Parameter],
+                 lr: float = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        if not lr >= 0 or not 0.0 <= momentum < 1.0 or not weight_decay >= 0:
+            raise MemplanError(f"MixedSGD needs lr >= 0, 0 <= momentum < 1, weight_decay >= 0, "
+                               f"got {lr}, {momentum}, {weight_decay}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One SGD update of every parameter that received a gradient since zero_grad."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p, grad_buf in self._params_with_grad():
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            g32 = grad_buf.to(torch.float32)                 # temporary 1: n fp32
+            if wd != 0.0:
+                g32.add_(p, alpha=wd)
+            if mu == 0.0:
+                p.add_(g32, alpha=-lr)
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = g32.to(torch.bfloat16)
+                p.add_(g32, alpha=-lr)
+                continue
+            b32 = state["momentum_buffer"].to(torch.float32)  # temporary 2: n fp32
+            b32.mul_(mu).add_(g32)
+            state["momentum_buffer"].copy_(b32)
+            p.add_(b32, alpha=-lr)
+        return loss

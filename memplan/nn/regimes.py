@@ -1,0 +1,270 @@
+"""Apply a training regime to a real model: what trains, with which optimizer, and the loss.
+
+:func:`prepare` turns a :class:`~memplan.nn.models.CausalLM` into a :class:`TrainingSetup`
+whose trainable set is exactly what the planner counts (:mod:`memplan.params`):
+
+=============  =================================================  ===========================
+regime         trains                                             planner count
+=============  =================================================  ===========================
+full           every parameter, fp32, ``torch.optim``             ``count_params`` (N)
+mixed          every parameter, fp32 weights, :class:`MixedAdamW`  N (12N bytes)
+lora           adapters (+ embeddings if asked), fp32 base        ``lora_params`` (M) [+ E]
+lora-bf16      fp32 adapters on a bf16 base (cast first)          M [+ E, kept in bf16]
+classifier     a new head on the last token, backbone no-grad     ``classifier_params`` (C)
+input-adapter  a zero-init additive embedding, backprop through   ``embedding_params`` (E)
+prompt-tuning  P soft-prompt vectors prepended to the input       ``prompt_params``
+bitfit         every bias (linear and LayerNorm)                  ``bias_params`` (B)
+=============  =================================================  ===========================
+
+The training step is split so a profiler can mark the phases between the calls:
+``setup.zero_grad(); loss = setup.loss(ids, labels); setup.backward(loss);
+setup.optimizer.step()``. Labels are aligned with positions (the model does not shift them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memplan.errors import MemplanError, unknown
+from memplan.nn.lora import apply_lora
+from memplan.nn.optim import MixedAdamW, MixedSGD, SGD_MOMENTUM, build_optimizer
+from memplan.spec import OPTIMIZERS, REGIMES, LoraSpec
+
+__all__ = ["prepare", "TrainingSetup", "SUPPORTED_REGIMES", "SoftPrompt"]
+
+SUPPORTED_REGIMES = ("full", "mixed", "lora", "lora-bf16", "classifier", "input-adapter",
+                     "prompt-tuning", "bitfit")
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+
+LossFn = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
+
+
+class SoftPrompt(nn.Module):
+    """P trainable prompt vectors (P, H), prepended to the token embeddings (Lester et al.)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, embeds: Tensor) -> Tensor:
+        """(B, T, H) -> (B, P + T, H)."""
+        prompt = self.weight.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        return torch.cat((prompt, embeds), dim=1)
+
+
+@dataclass
+class TrainingSetup:
+    """A model with a regime applied: its optimizer, trainable parameters and loss.
+
+    Attributes:
+        model: the model (changed in place by :func:`prepare`).
+        regime: the regime's name.
+        optimizer: the optimizer over exactly ``trainable``.
+        trainable: every trainable Parameter by name; names of new modules are prefixed with
+            their key in ``extra_modules`` (``head.weight``, ``prompt.weight``).
+        extra_modules: the modules the regime created (head, input adapter, soft prompt).
+    """
+
+    model: nn.Module
+    regime: str
+    optimizer: torch.optim.Optimizer
+    trainable: dict[str, nn.Parameter]
+    extra_modules: dict[str, nn.Module] = field(default_factory=dict)
+    loss_fn: LossFn | None = None
+
+    @property
+    def num_trainable(self) -> int:
+        """Trainable elements, what the planner calls N, M, C, E, P or B."""
+        return sum(p.numel() for p in self.trainable.values())
+
+    def zero_grad(self) -> None:
+        """Free (or, for the mixed optimizers, zero) the gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def loss(self, input_ids: Tensor, labels: Tensor | None = None,
+             class_labels: Tensor | None = None) -> Tensor:
+        """The scalar training loss of one batch (input_ids and labels (B, T), class_labels (B,))."""
+        assert self.loss_fn is not None
+        return self.loss_fn(input_ids, labels, class_labels)
+
+    def backward(self, loss: Tensor) -> None:
+        """Backpropagate the loss."""
+        loss.backward()
+
+    def step(self) -> None:
+        """The optimizer update."""
+        self.optimizer.step()
+
+    def train_step(self, input_ids: Tensor, labels: Tensor | None = None,
+                   class_labels: Tensor | None = None) -> float:
+        """zero_grad, loss, backward, step; returns the loss as a float."""
+        self.zero_grad()
+        loss = self.loss(input_ids, labels, class_labels)
+        self.backward(loss)
+        self.step()
+        return float(loss.detach())
+
+
+def _freeze(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+
+def _input_embedding(model: nn.Module) -> nn.Embedding:
+    body = getattr(model, "transformer", None) or getattr(model, "model", None)
+    for name in ("wte", "embed_tokens"):
+        if body is not None and isinstance(getattr(body, name, None), nn.Embedding):
+            return getattr(body, name)
+    raise MemplanError(f"cannot find the input embedding of a {type(model).__name__}")
+
+
+def _lm_loss(model: nn.Module) -> LossFn:
+    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+        if labels is None:
+            raise MemplanError("this regime trains a language model: give labels (B, T)")
+        return model(input_ids, labels=labels)
+    return loss
+
+
+def _trainable(model: nn.Module, extra: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for key, module in extra.items():
+        out.update({f"{key}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
+    return out
+
+
+def _classifier(model: nn.Module, num_classes: int) -> tuple[dict[str, nn.Module], LossFn]:
+    """Frozen backbone, no graph through it; a new fp32 head on the last token's hidden state.
+
+    logits = W_c h_T + b_c with W_c (classes × H), so C = H · classes + classes.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise MemplanError(f"--classes must be a positive integer, got {num_classes!r}")
+    _freeze(model)
+    emb = _input_embedding(model)
+    head = nn.Linear(emb.embedding_dim, num_classes, device=emb.weight.device,
+                     dtype=torch.float32)
+
+    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+        if class_labels is None:
+            raise MemplanError("the classifier regime needs class_labels (B,)")
+        with torch.no_grad():
+            last = model.hidden_states(input_ids)[:, -1, :]  # (B, H)
+        logits = head(last.to(head.weight.dtype))  # (B, classes)
+        return F.cross_entropy(logits, class_labels)
+    return {"head": head}, loss
+
+
+def _input_adapter(model: nn.Module) -> tuple[dict[str, nn.Module], LossFn]:
+    """inputs_embeds = embed(ids) + Δ(ids), Δ a zero-init (V × H) embedding: E = V · H."""
+    _freeze(model)
+    emb = _input_embedding(model)
+    delta = nn.Embedding(emb.num_embeddings, emb.embedding_dim, device=emb.weight.device,
+                         dtype=emb.weight.dtype)
+    nn.init.zeros_(delta.weight)
+
+    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+        if labels is None:
+            raise MemplanError("the input-adapter regime trains a language model: give labels")
+        return model(inputs_embeds=model.embed(input_ids) + delta(input_ids), labels=labels)
+    return {"input_adapter": delta}, loss
+
+
+def _prompt_tuning(model: nn.Module, prompt_tokens: int) -> tuple[dict[str, nn.Module], LossFn]:
+    """P soft-prompt vectors, initialised from P random rows of the vocabulary (Lester et al.
+    2021), prepended to the embeddings; labels get P leading -100s."""
+    if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens <= 0:
+        raise MemplanError(f"--prompt-tokens must be a positive integer, got {prompt_tokens!r}")
+    _freeze(model)
+    emb = _input_embedding(model)
+    rows = torch.randint(emb.num_embeddings, (prompt_tokens,), device=emb.weight.device)
+    prompt = SoftPrompt(emb.weight.detach()[rows].clone())
+
+    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+        if labels is None:
+            raise MemplanError("the prompt-tuning regime trains a language model: give labels")
+        pad = labels.new_full((labels.shape[0], prompt_tokens), IGNORE_INDEX)
+        return model(inputs_embeds=prompt(model.embed(input_ids)),
+                     labels=torch.cat((pad, labels), dim=1))
+    return {"prompt": prompt}, loss
+
+
+def _cannot_run(regime: str) -> MemplanError:
+    why = {"qlora": "it needs 4-bit NF4 kernels (bitsandbytes on CUDA)"}.get(
+        regime, "it shards states over several processes (use memplan.profile.distributed)")
+    return MemplanError(f"the profiler cannot run regime {regime!r} on this machine: {why}; "
+                        f"`memplan estimate` plans it, and the profiler runs "
+                        f"{', '.join(SUPPORTED_REGIMES)}")
+
+
+def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
+            optimizer: str = "adamw", impl: str = "fused", lr: float = 1e-3,
+            num_classes: int = 2, prompt_tokens: int = 20) -> TrainingSetup:
+    """Apply ``regime`` to ``model`` (in place) and build its optimizer and loss.
+
+    Args:
+        model: a :class:`~memplan.nn.models.CausalLM` with fp32 weights.
+        regime: one of :data:`SUPPORTED_REGIMES`.
+        lora: the LoRA adapters (``lora``, ``lora-bf16``); default ``LoraSpec()``.
+        optimizer: ``adamw``, ``sgd`` or ``sgd-momentum``.
+        impl: ``fused``, ``foreach`` or ``forloop`` (``torch.optim``); the ``mixed`` regime's
+            optimizers always loop over parameters, so ``impl`` does not apply there.
+        lr: learning rate.
+        num_classes: classes of the ``classifier`` head.
+        prompt_tokens: P of ``prompt-tuning``.
+
+    Raises:
+        MemplanError: an unknown regime or optimizer, a regime the profiler cannot run here
+            (qlora, zero*), bitfit on a model without biases, bad LoRA options.
+    """
+    if regime not in REGIMES:
+        raise unknown("regime", regime, REGIMES)
+    if regime not in SUPPORTED_REGIMES:
+        raise _cannot_run(regime)
+    if optimizer not in OPTIMIZERS:
+        raise unknown("optimizer", optimizer, OPTIMIZERS)
+    extra: dict[str, nn.Module] = {}
+    loss_fn = _lm_loss(model)
+
+    if regime in ("full", "mixed"):
+        if regime == "mixed" and any(p.dtype != torch.float32 for p in model.parameters()):
+            raise MemplanError("the mixed regime keeps fp32 weights; build the model in fp32")
+        for param in model.parameters():
+            param.requires_grad_(True)
+    elif regime in ("lora", "lora-bf16"):
+        spec = lora or LoraSpec()
+        if regime == "lora-bf16":
+            model.to(torch.bfloat16)  # the frozen base first; then fp32 adapters
+        apply_lora(model, spec.rank, spec.alpha, spec.targets,
+                   train_embeddings=spec.train_embeddings,
+                   adapter_dtype=torch.float32 if regime == "lora-bf16" else None)
+    elif regime == "classifier":
+        extra, loss_fn = _classifier(model, num_classes)
+    elif regime == "input-adapter":
+        extra, loss_fn = _input_adapter(model)
+    elif regime == "prompt-tuning":
+        extra, loss_fn = _prompt_tuning(model, prompt_tokens)
+    elif regime == "bitfit":
+        _freeze(model)
+        biases = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+        if not biases:
+            raise MemplanError("the model has no bias parameters, so bitfit trains nothing; "
+                               "pick another regime such as lora")
+        for param in biases:
+            param.requires_grad_(True)
+
+    trainable = _trainable(model, extra)
+    if regime == "mixed":
+        opt: torch.optim.Optimizer = (
+            MixedAdamW(trainable, lr=lr) if optimizer == "adamw" else
+            MixedSGD(trainable, lr=lr,
+                     momentum=SGD_MOMENTUM if optimizer == "sgd-momentum" else 0.0))
+    else:
+        opt = build_optimizer(trainable, optimizer, impl, lr=lr)
+    return TrainingSetup(model=model, regime=regime, optimizer=opt, trainable=trainable,
+                         extra_modules=extra, loss_fn=loss_fn)

@@ -1,0 +1,72 @@
+"""Optimizer temporaries and bookkeeping: what ``optimizer.step()`` holds beyond its states.
+
+Measured facts on torch 2.13 (shared/reference/README.md) and the code of torch.optim:
+- AdamW, foreach: ``torch._foreach_sqrt(exp_avg_sqs)`` makes one copy of every second moment,
+  i.e. the size of all trainable parameters, alive for the whole update.
+- AdamW, for-loop: ``exp_avg_sq.sqrt() / bias_correction2_sqrt`` makes two tensors the size of
+  one parameter at once, so twice the largest trainable tensor.
+- AdamW, fused: none. SGD with or without momentum updates in place: none.
+- torch's AdamW keeps a ``step`` counter per parameter tensor as a 0-d fp32 tensor.
+- memplan's MixedAdamW (the notes' mixed recipe) loops over parameters one at a time and holds
+  two fp32 copies of the parameter being updated (its gradient and momentum upcast).
+"""
+
+from __future__ import annotations
+
+from memplan import params as P
+from memplan.spec import ModelSpec, TrainSpec
+
+MIXED_STEP_COPIES = 2  # memplan.nn.optim.MixedAdamW: g32 and m32 of one parameter
+STEP_COUNTER_BYTES = 4  # torch.optim.AdamW: state["step"], a 0-d fp32 tensor
+
+
+def trainable_tensors(spec: ModelSpec, train: TrainSpec) -> list[int]:
+    """Element counts of every trainable tensor of the regime."""
+    regime = train.regime
+    h = spec.hidden_size
+    if regime in ("lora", "lora-bf16", "qlora"):
+        r = train.lora.rank
+        per_block = [r * size for l in P.check_rank(spec, train.lora)
+                     for size in (l.in_features, l.out_features)]
+        sizes = spec.num_layers * per_block
+        if train.lora.train_embeddings:
+            sizes += [P.embedding_params(spec)] + ([P.lm_head_params(spec)]
+                                                   if not spec.tie_embeddings else [])
+        return sizes
+    if regime == "classifier":
+        return [h * train.num_classes, train.num_classes]
+    if regime == "input-adapter":
+        return [P.embedding_params(spec)]
+    if regime == "prompt-tuning":
+        return [P.prompt_params(spec, train.prompt_tokens)]
+    if regime == "bitfit":
+        biases = [l.out_features for l in P.block_linears(spec) if l.bias]
+        norm_bias = [h] * (2 if spec.norm_bias else 0)
+        return spec.num_layers * (biases + norm_bias) + ([h] if spec.norm_bias else [])
+    return P.param_tensor_sizes(spec)
+
+
+def step_counter_bytes(spec: ModelSpec, train: TrainSpec) -> int:
+    """torch.optim.AdamW's per-tensor step counters (none for SGD or MixedAdamW)."""
+    if train.optimizer != "adamw" or train.regime == "mixed":
+        return 0
+    return STEP_COUNTER_BYTES * len(trainable_tensors(spec, train))
+
+
+def step_temporary_bytes(spec: ModelSpec, train: TrainSpec, trainable_bytes: int,
+                         itemsize: int = 4) -> int:
+    """Peak bytes that ``optimizer.step()`` allocates beyond params, grads and states.
+
+    ``trainable_bytes`` is the size of all trainable parameters in their own dtype, and
+    ``itemsize`` the bytes per element of the largest one.
+    """
+    if train.optimizer != "adamw":
+        return 0
+    largest = max(trainable_tensors(spec, train))
+    if train.regime == "mixed":
+        return MIXED_STEP_COPIES * 4 * largest
+    if train.optimizer_impl == "foreach":
+        return trainable_bytes
+    if train.optimizer_impl == "forloop":
+        return 2 * itemsize * largest
+    return 0

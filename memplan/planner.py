@@ -1,0 +1,182 @@
+"""The planner: ``plan()`` a job into a Breakdown, ``fits()`` it on a GPU, find ``max_batch()``.
+
+A training step is a timeline. The plan evaluates the memory at each moment where a peak can
+occur and reports the largest:
+
+- ``forward_end``: weights, optimizer states, persistent gradient buffers, every activation
+  saved for backward and the loss temporaries (logits and log-probabilities);
+- ``backward_start``: the same activations, plus the gradient of the logits and whatever
+  the output layer's backward allocates;
+- ``backward_end``: every gradient, the activations freed, one parameter's gradient in flight;
+- ``step``: weights, gradients, optimizer states and the optimizer's own temporaries.
+
+Without batch and sequence length only the model states are planned (the notes' formulas).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from memplan import activations as A
+from memplan import optimizer as O
+from memplan import params as P
+from memplan.params import count_params, lora_params
+from memplan.regimes import ModelState, model_state
+from memplan.spec import ModelSpec, TrainSpec
+
+COMPONENTS = ("weights", "gradients", "optimizer_states", "master_weights", "activations",
+              "temporaries")
+
+# Memory outside the tensors a job allocates: the CUDA context (about 0.5 GiB on recent
+# GPUs), cuBLAS/cuDNN workspaces and the caching allocator's rounding and fragmentation. An
+# assumption until measured on a GPU (`memplan validate --device cuda` records it); users
+# override it with --reserve.
+DEFAULT_RESERVE_BYTES = 1 * 2**30
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """The plan of one regime: its peak, split by component, and the moment it happens."""
+
+    regime: str
+    formula: str
+    total_bytes: int
+    components: dict[str, int]
+    peak_phase: str
+    phases: dict[str, dict[str, int]]
+    model_state_bytes: int
+    symbols: dict[str, int]
+    activations_included: bool
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        """The JSON form of DESIGN.md: integers for bytes."""
+        return {
+            "total_bytes": self.total_bytes,
+            "components": dict(self.components),
+            "formula": self.formula,
+            "model_state_bytes": self.model_state_bytes,
+            "peak_phase": self.peak_phase,
+            "phases": {k: dict(v) for k, v in self.phases.items()},
+            "symbols": dict(self.symbols),
+            "activations_included": self.activations_included,
+            "notes": list(self.notes),
+        }
+
+
+def _phase(**parts: int) -> dict[str, int]:
+    return {name: int(parts.get(name, 0)) for name in COMPONENTS}
+
+
+def plan(spec: ModelSpec, train: TrainSpec) -> Breakdown:
+    """Plan the peak memory per GPU of one training step of ``train`` on ``spec``."""
+    state = model_state(spec, train)
+    states = {"weights": state.weights_bytes + P.buffer_bytes(spec),
+              "optimizer_states": state.optimizer_states_bytes + O.step_counter_bytes(spec, train),
+              "master_weights": state.master_weights_bytes}
+    step_tmp = O.step_temporary_bytes(spec, train, _trainable_param_bytes(state),
+                                      _largest_itemsize(state))
+    # The mixed recipe keeps its bf16 gradient buffers for good, and each fp32 gradient lives
+    # only until its hook moves it; every other regime frees gradients at
+    # zero_grad(set_to_none=True) before the forward.
+    mixed = train.regime == "mixed"
+    persistent_grads = state.gradients_bytes if mixed else 0
+    phases = {"step": _phase(**states, gradients=state.gradients_bytes, temporaries=step_tmp)}
+    notes: list[str] = []
+    if train.has_activations:
+        act = A.plan_activations(spec, train, state)
+        phases["forward_end"] = _phase(**states, gradients=persistent_grads,
+                                       activations=act.saved_bytes,
+                                       temporaries=act.loss_forward_bytes)
+        activations, grads, temporaries = max(act.backward_moments, key=sum)
+        if mixed:  # the head's fp32 gradient is a temporary until its hook runs
+            grads, temporaries = 0, temporaries + grads
+        phases["backward_start"] = _phase(**states, gradients=persistent_grads + grads,
+                                          activations=activations, temporaries=temporaries)
+        in_flight = 4 * max(O.trainable_tensors(spec, train)) if mixed else 0
+        phases["backward_end"] = _phase(**states, gradients=state.gradients_bytes,
+                                        temporaries=act.backward_end_bytes + in_flight)
+        notes.extend(act.notes)
+    else:
+        notes.append("activations excluded: give --batch and --seq to plan them")
+    peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
+    components = phases[peak_phase]
+    return Breakdown(
+        regime=train.regime, formula=state.formula, total_bytes=sum(components.values()),
+        components=components, peak_phase=peak_phase, phases=phases,
+        model_state_bytes=state.total_bytes, symbols=state.symbols,
+        activations_included=train.has_activations, notes=tuple(notes),
+    )
+
+
+def _largest_itemsize(state: ModelState) -> int:
+    """Bytes per element of the trainable tensors: fp32 unless existing bf16 ones train."""
+    return 4 if state.new_params or state.compute_bytes == 4 else state.compute_bytes
+
+
+def _trainable_param_bytes(state: ModelState) -> int:
+    """Bytes of the trainable parameters themselves, in their own dtype."""
+    if state.regime in ("full", "mixed", "zero", "zero1", "zero2", "zero3"):
+        return state.weights_bytes
+    new = 4 * state.new_params
+    return new + state.compute_bytes * (state.trainable - state.new_params)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Whether a plan fits a GPU, and by how much."""
+
+    fits: bool
+    required_bytes: int
+    capacity_bytes: int
+    reserve_bytes: int
+    headroom_bytes: int
+    max_batch: int | None
+    breakdown: Breakdown = field(repr=False)
+
+    def to_dict(self) -> dict:
+        """The JSON form of DESIGN.md."""
+        return {
+            "fits": self.fits, "required_bytes": self.required_bytes,
+            "capacity_bytes": self.capacity_bytes, "reserve_bytes": self.reserve_bytes,
+            "headroom_bytes": self.headroom_bytes, "max_batch": self.max_batch,
+            "regime": self.breakdown.regime, "plan": self.breakdown.to_dict(),
+        }
+
+
+def fits(spec: ModelSpec, train: TrainSpec, capacity_bytes: int,
+         reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> FitResult:
+    """Whether ``train`` fits in ``capacity_bytes`` after the runtime reserve.
+
+    ``max_batch`` is the largest micro-batch that fits at the job's sequence length (None
+    without ``seq``; 0 when not even one sequence fits).
+    """
+    breakdown = plan(spec, train)
+    required = breakdown.total_bytes + reserve_bytes
+    best = max_batch(spec, train, capacity_bytes, reserve_bytes) if train.seq else None
+    return FitResult(required <= capacity_bytes, required, capacity_bytes, reserve_bytes,
+                     capacity_bytes - required, best, breakdown)
+
+
+def max_batch(spec: ModelSpec, train: TrainSpec, capacity_bytes: int,
+              reserve_bytes: int = DEFAULT_RESERVE_BYTES, limit: int = 2**20) -> int:
+    """The largest batch at ``train.seq`` whose plan fits; memory grows with the batch."""
+    def ok(batch: int) -> bool:
+        job = replace(train, batch=batch, seq=train.seq)
+        return plan(spec, job).total_bytes + reserve_bytes <= capacity_bytes
+
+    if not ok(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and ok(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if ok(mid) else (low, mid)
+    return low
+
+
+def symbols_of(spec: ModelSpec, train: TrainSpec) -> dict[str, int]:
+    """N and M for the headline of a report."""
+    return {"N": count_params(spec), "M": lora_params(spec, train.lora)}
