@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, replace
 from memplan import activations as A
 from memplan import optimizer as O
 from memplan import params as P
-from memplan.params import count_params, lora_params
 from memplan.regimes import ModelState, model_state
 from memplan.spec import ModelSpec, TrainSpec
 
@@ -68,9 +67,14 @@ def _phase(**parts: int) -> dict[str, int]:
     return {name: int(parts.get(name, 0)) for name in COMPONENTS}
 
 
-def plan(spec: ModelSpec, train: TrainSpec) -> Breakdown:
-    """Plan the peak memory per GPU of one training step of ``train`` on ``spec``."""
-    state = model_state(spec, train)
+def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
+         kernels: str = "cuda") -> Breakdown:
+    """Plan the peak memory per GPU of one training step of ``train`` on ``spec``.
+
+    ``params`` overrides N in the model states (``estimate --params``). ``kernels`` is
+    ``cuda`` or ``cpu``: where they differ in what they keep (dropout masks), which to plan.
+    """
+    state = model_state(spec, train, params)
     states = {"weights": state.weights_bytes + P.buffer_bytes(spec),
               "optimizer_states": state.optimizer_states_bytes + O.step_counter_bytes(spec, train),
               "master_weights": state.master_weights_bytes}
@@ -84,7 +88,8 @@ def plan(spec: ModelSpec, train: TrainSpec) -> Breakdown:
     phases = {"step": _phase(**states, gradients=state.gradients_bytes, temporaries=step_tmp)}
     notes: list[str] = []
     if train.has_activations:
-        act = A.plan_activations(spec, train, state)
+        mask = A.BOOL if kernels == "cuda" else None
+        act = A.plan_activations(spec, train, state, dropout_mask_bytes=mask)
         phases["forward_end"] = _phase(**states, gradients=persistent_grads,
                                        activations=act.saved_bytes,
                                        temporaries=act.loss_forward_bytes)
@@ -145,25 +150,27 @@ class FitResult:
 
 
 def fits(spec: ModelSpec, train: TrainSpec, capacity_bytes: int,
-         reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> FitResult:
+         reserve_bytes: int = DEFAULT_RESERVE_BYTES, params: int | None = None) -> FitResult:
     """Whether ``train`` fits in ``capacity_bytes`` after the runtime reserve.
 
     ``max_batch`` is the largest micro-batch that fits at the job's sequence length (None
     without ``seq``; 0 when not even one sequence fits).
     """
-    breakdown = plan(spec, train)
+    breakdown = plan(spec, train, params)
     required = breakdown.total_bytes + reserve_bytes
-    best = max_batch(spec, train, capacity_bytes, reserve_bytes) if train.seq else None
+    best = max_batch(spec, train, capacity_bytes, reserve_bytes, params=params) if train.seq \
+        else None
     return FitResult(required <= capacity_bytes, required, capacity_bytes, reserve_bytes,
                      capacity_bytes - required, best, breakdown)
 
 
 def max_batch(spec: ModelSpec, train: TrainSpec, capacity_bytes: int,
-              reserve_bytes: int = DEFAULT_RESERVE_BYTES, limit: int = 2**20) -> int:
+              reserve_bytes: int = DEFAULT_RESERVE_BYTES, limit: int = 2**20,
+              params: int | None = None) -> int:
     """The largest batch at ``train.seq`` whose plan fits; memory grows with the batch."""
     def ok(batch: int) -> bool:
         job = replace(train, batch=batch, seq=train.seq)
-        return plan(spec, job).total_bytes + reserve_bytes <= capacity_bytes
+        return plan(spec, job, params).total_bytes + reserve_bytes <= capacity_bytes
 
     if not ok(1):
         return 0
@@ -175,8 +182,3 @@ def max_batch(spec: ModelSpec, train: TrainSpec, capacity_bytes: int,
         mid = (low + high) // 2
         low, high = (mid, high) if ok(mid) else (low, mid)
     return low
-
-
-def symbols_of(spec: ModelSpec, train: TrainSpec) -> dict[str, int]:
-    """N and M for the headline of a report."""
-    return {"N": count_params(spec), "M": lora_params(spec, train.lora)}

@@ -83,9 +83,10 @@ def qlora_base_bytes(spec: ModelSpec) -> int:
     return quantised + 2 * (P.count_params(spec) - quantised_elems)
 
 
-def trainable_count(spec: ModelSpec, train: TrainSpec) -> tuple[int, int, str]:
-    """(trainable elements, of which newly added, symbol) for a regime."""
-    n = P.count_params(spec)
+def trainable_count(spec: ModelSpec, train: TrainSpec, params: int | None = None
+                    ) -> tuple[int, int, str]:
+    """(trainable elements, of which newly added, symbol) for a regime; ``params`` overrides N."""
+    n = params or P.count_params(spec)
     regime = train.regime
     if regime in ("full", "mixed", "zero", "zero1", "zero2", "zero3"):
         return n, 0, "N"
@@ -110,10 +111,13 @@ def trainable_count(spec: ModelSpec, train: TrainSpec) -> tuple[int, int, str]:
     raise MemplanError(f"unknown regime {regime!r}")
 
 
-def model_state(spec: ModelSpec, train: TrainSpec) -> ModelState:
-    """The model-state bytes of ``train.regime`` on ``spec``, per GPU."""
-    n = P.count_params(spec)
-    trainable, new, sym = trainable_count(spec, train)
+def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) -> ModelState:
+    """The model-state bytes of ``train.regime`` on ``spec``, per GPU.
+
+    ``params`` overrides N (``estimate --params``); the shape still gives M, C, E and B.
+    """
+    n = params or P.count_params(spec)
+    trainable, new, sym = trainable_count(spec, train, n)
     gpus = train.gpus
     opt = train.optimizer
     symbols = {"N": n, sym: trainable}
@@ -144,10 +148,13 @@ def model_state(spec: ModelSpec, train: TrainSpec) -> ModelState:
     raise MemplanError(f"unknown regime {regime!r}")
 
 
-def model_state(spec: ModelSpec, train: TrainSpec) -> ModelState:
-    """The model-state bytes of ``train.regime`` on ``spec``, per GPU."""
-    n = P.count_params(spec)
-    trainable, new, sym = trainable_count(spec, train)
+def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) -> ModelState:
+    """The model-state bytes of ``train.regime`` on ``spec``, per GPU.
+
+    ``params`` overrides N (``estimate --params``); the shape still gives M, C, E and B.
+    """
+    n = params or P.count_params(spec)
+    trainable, new, sym = trainable_count(spec, train, n)
     gpus = train.gpus
     opt = train.optimizer
     symbols = {"N": n, sym: trainable}
@@ -186,7 +193,7 @@ def model_state(spec: ModelSpec, train: TrainSpec) -> ModelState:
     if regime == "lora-bf16":
         base, compute = 2 * n, 2
     elif regime == "qlora":
-        base, compute = qlora_base_bytes(spec), 2
+        base, compute = qlora_base_bytes(spec) * n // P.count_params(spec), 2
     else:
         base, compute = 4 * n, 4
     existing = trainable - new

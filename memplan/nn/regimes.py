@@ -32,10 +32,10 @@ from torch import Tensor, nn
 
 from memplan.errors import MemplanError, unknown
 from memplan.nn.lora import apply_lora
-from memplan.nn.optim import MixedAdamW, MixedSGD, SGD_MOMENTUM, build_optimizer
+from memplan.nn.optim import SGD_MOMENTUM, MixedAdamW, MixedSGD, build_optimizer
 from memplan.spec import OPTIMIZERS, REGIMES, LoraSpec
 
-__all__ = ["prepare", "TrainingSetup", "SUPPORTED_REGIMES", "SoftPrompt"]
+__all__ = ["prepare", "TrainingSetup", "SUPPORTED_REGIMES", "SoftPrompt", "cast_floating"]
 
 SUPPORTED_REGIMES = ("full", "mixed", "lora", "lora-bf16", "classifier", "input-adapter",
                      "prompt-tuning", "bitfit")
@@ -88,7 +88,7 @@ class TrainingSetup:
 
     def loss(self, input_ids: Tensor, labels: Tensor | None = None,
              class_labels: Tensor | None = None) -> Tensor:
-        """The scalar training loss of one batch (input_ids and labels (B, T), class_labels (B,))."""
+        """The scalar loss of one batch: input_ids, labels (B, T); class_labels (B,)."""
         assert self.loss_fn is not None
         return self.loss_fn(input_ids, labels, class_labels)
 
@@ -102,12 +102,37 @@ class TrainingSetup:
 
     def train_step(self, input_ids: Tensor, labels: Tensor | None = None,
                    class_labels: Tensor | None = None) -> float:
-        """zero_grad, loss, backward, step; returns the loss as a float."""
+        """zero_grad, loss, backward, step; returns the loss as a float (NaN for a fake one,
+        which has no value, under ``FakeTensorMode``)."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
         self.zero_grad()
         loss = self.loss(input_ids, labels, class_labels)
         self.backward(loss)
         self.step()
-        return float(loss.detach())
+        return float("nan") if isinstance(loss, FakeTensor) else float(loss.detach())
+
+
+@torch.no_grad()
+def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)`` for floating parameters and buffers, one tensor at a time.
+
+    Unlike ``Module.to`` this also works under ``FakeTensorMode`` (whose tensors cannot be
+    swapped in place): each floating Parameter is replaced by a new one of ``dtype`` (tied
+    Parameters stay tied, ``requires_grad`` is kept), so call it before building optimizers.
+    """
+    new: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            if id(param) not in new:
+                new[id(param)] = nn.Parameter(param.detach().to(dtype),
+                                              requires_grad=param.requires_grad)
+            module._parameters[name] = new[id(param)]
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_floating_point():
+                module._buffers[name] = buf.to(dtype)
 
 
 def _freeze(model: nn.Module) -> None:
@@ -239,7 +264,7 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
     elif regime in ("lora", "lora-bf16"):
         spec = lora or LoraSpec()
         if regime == "lora-bf16":
-            model.to(torch.bfloat16)  # the frozen base first; then fp32 adapters
+            cast_floating(model, torch.bfloat16)  # the frozen base first; then fp32 adapters
         apply_lora(model, spec.rank, spec.alpha, spec.targets,
                    train_embeddings=spec.train_embeddings,
                    adapter_dtype=torch.float32 if regime == "lora-bf16" else None)

@@ -133,6 +133,10 @@ class _Saved:
             self.tracker._relabel(rec, saved=-1)
 
 
+# ``torch.tensor(data)`` builds its tensor below dispatch, then shows it to modes via lift_fresh.
+_FRESH = frozenset({torch.ops.aten.lift_fresh.default})
+
+
 def _unpack(packed: _Saved) -> torch.Tensor:
     return packed.tensor
 
@@ -199,9 +203,8 @@ class StorageTracker(TorchDispatchMode):
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _add(self, st: torch.UntypedStorage, category: str | None) -> _Rec:
-        rec = _Rec(st, self._on_free, st.nbytes(), category)
-        self._live[rec.key] = rec
-        self._change(rec.nbytes, rec.bucket())
+        rec = self._live[id(st)] = _Rec(st, self._on_free, 0, category)
+        self._grow(rec, st.nbytes())
         return rec
 
     def _on_free(self, rec: _Rec) -> None:
@@ -239,17 +242,18 @@ class StorageTracker(TorchDispatchMode):
             self._unsaved.discard(rec.key)
 
     def _resize(self, rec: _Rec, nbytes: int) -> None:
-        delta, rec.nbytes = nbytes - rec.nbytes, nbytes
-        if delta >= 0:
-            self._change(delta, rec.bucket())
+        if nbytes >= rec.nbytes:
+            self._grow(rec, nbytes)
             return
-        self._totals[rec.bucket()] += delta
-        self._current += delta
+        delta, rec.nbytes = rec.nbytes - nbytes, nbytes
+        self._totals[rec.bucket()] -= delta
+        self._current -= delta
         if self._dirty:
-            self._lost[rec.bucket()] -= delta
+            self._lost[rec.bucket()] += delta
 
-    def _change(self, delta: int, bucket: str) -> None:
-        """Add ``delta`` >= 0 live bytes to ``bucket``: settle the old peak or start a new one."""
+    def _grow(self, rec: _Rec, nbytes: int) -> None:
+        """Grow a live record to ``nbytes``: settle the old peak first, or start a new one."""
+        delta = nbytes - rec.nbytes
         if self._current + delta > self.peak_bytes:
             self.peak_bytes = self._current + delta
             self._dirty = True
@@ -257,7 +261,8 @@ class StorageTracker(TorchDispatchMode):
             self._unsaved.clear()
         else:
             self._settle()
-        self._totals[bucket] += delta
+        rec.nbytes = nbytes
+        self._totals[rec.bucket()] += delta
         self._current += delta
         if self.capacity_bytes is not None and self._current > self.capacity_bytes:
             self._settle()
@@ -433,15 +438,15 @@ class StorageTracker(TorchDispatchMode):
         if active_fake_mode() is not self._fake_on_entry:
             return out
         if isinstance(out, torch.Tensor):
-            self._track_output(out, args, kwargs)
+            self._track_output(func, out, args, kwargs)
         elif isinstance(out, (tuple, list)):
             for o in out:
                 for t in o if isinstance(o, (tuple, list)) else (o,):
                     if isinstance(t, torch.Tensor):
-                        self._track_output(t, args, kwargs)
+                        self._track_output(func, t, args, kwargs)
         return out
 
-    def _track_output(self, t: torch.Tensor, args: tuple, kwargs: dict) -> None:
+    def _track_output(self, func: Any, t: torch.Tensor, args: tuple, kwargs: dict) -> None:
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -450,8 +455,8 @@ class StorageTracker(TorchDispatchMode):
         if rec is not None:  # a view, an in-place op, or a resize of a counted storage
             if st.nbytes() != rec.nbytes:
                 self._resize(rec, st.nbytes())
-        elif id(st) not in _input_storage_ids(args, kwargs):  # else: pre-existing, unregistered
-            self._add(st, None)
+        elif func in _FRESH or id(st) not in _input_storage_ids(args, kwargs):
+            self._add(st, None)  # new; an input's storage would be pre-existing and unregistered
 
 
 def make_tracker(device: str, **kw: Any) -> Any:

@@ -1,0 +1,5 @@
+"""``python -m memplan``."""
+
+from memplan.cli import main
+
+main()

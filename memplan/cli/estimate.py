@@ -1,0 +1,82 @@
+"""``memplan estimate``: every regime's plan for one model and job, instantly, without torch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated
+
+import typer
+
+from memplan.cli import options as o
+from memplan.cli.app import command
+
+
+@command("estimate")
+def estimate(
+    params: o.Params = None, model: o.Model = None, config: o.Config = None,
+    rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
+    train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
+    gpus: o.Gpus = 1, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
+    optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
+    checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
+    regime: Annotated[list[str] | None, typer.Option(
+        "--regime", help="Only these regimes (repeatable); default: all of them.")] = None,
+    reserve: o.Reserve = None, json_out: o.Json = False,
+) -> None:
+    """Plan every training regime: the notes' formula, the peak, its breakdown, the GPUs it fits.
+
+    Without --batch and --seq the plan holds model states only (activations excluded).
+    """
+    from memplan.params import bias_params, count_params, lora_params
+    from memplan.planner import plan
+    from memplan.presets import gpus as gpu_catalogue
+    from memplan.report import (architecture_dict, console, estimate_table, print_json,
+                                symbols_line)
+    from memplan.spec import REGIMES
+
+    job = o.make_job(params, model, config, rank=rank, alpha=alpha, targets=targets,
+                     train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
+                     classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
+                     optimizer_impl=optimizer_impl, checkpointing=checkpointing,
+                     attention=attention)
+    reserve_bytes = o.parse_reserve(reserve)
+    wanted = regime or [r for r in REGIMES if r != "bitfit" or bias_params(job.spec)]
+    for name in wanted:
+        replace(job.train, regime=name)  # validates the name
+    n = job.params or count_params(job.spec)
+    m = lora_params(job.spec, job.train.lora)
+    catalogue = gpu_catalogue()
+    rows, results = [], {}
+    for name in wanted:
+        breakdown = plan(job.spec, replace(job.train, regime=name), job.params)
+        fits_on = [g.name for g in catalogue.values()
+                   if breakdown.total_bytes + reserve_bytes <= g.capacity_bytes]
+        rows.append((breakdown, fits_on))
+        results[name] = breakdown.to_dict() | {"fits_on": fits_on}
+    if json_out:
+        print_json({"params": n, "lora_params": m, "assumed": job.assumed,
+                    "architecture": architecture_dict(job.spec),
+                    "train": _train_dict(job.train), "reserve_bytes": reserve_bytes,
+                    "regimes": results})
+        return
+    out = console()
+    out.print(f"[bold]{job.spec.name}[/bold]: {job.assumed}")
+    out.print(symbols_line({"N": n, "M": m}) + f"  (LoRA rank {rank} on {targets})")
+    if job.train.has_activations:
+        out.print(f"activations for batch {batch} × seq {seq}, {attention} attention"
+                  + (", checkpointing" if checkpointing else ""))
+    else:
+        out.print("[yellow]activations excluded[/yellow]: model states only, the notes' "
+                  "formulas; add --batch and --seq to plan activations")
+    out.print(estimate_table(f"peak memory per GPU ({optimizer}, {optimizer_impl})", rows))
+    out.print(f"fits on: after a runtime reserve of {reserve_bytes / 2**30:.2f} GiB per GPU "
+              "(--reserve); see `memplan gpus` for capacities")
+
+
+def _train_dict(train) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(train)
+    d["lora"]["targets"] = train.lora.targets if isinstance(train.lora.targets, str) \
+        else list(train.lora.targets)
+    return d

@@ -1,0 +1,112 @@
+"""Options shared by the commands, and turning them into a ModelSpec and a TrainSpec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memplan.errors import MemplanError
+from memplan.spec import LoraSpec, ModelSpec, TrainSpec
+
+Params = Annotated[str | None, typer.Option(
+    "--params", help="Parameter count N, e.g. 7e9, 7B or 350M; assumes a Llama-2-style shape.")]
+Model = Annotated[str | None, typer.Option(
+    "--model", "-m", help="A preset architecture (see `memplan models`), e.g. llama-2-7b.")]
+Config = Annotated[Path | None, typer.Option(
+    "--config", help="A Hugging Face config.json (llama, mistral, qwen2, gpt2).")]
+Rank = Annotated[int, typer.Option("--rank", "-r", help="LoRA rank R.")]
+Alpha = Annotated[float, typer.Option("--alpha", help="LoRA alpha (scaling alpha/R).")]
+Targets = Annotated[str, typer.Option(
+    "--targets", help="LoRA targets: all, mlp, attention, or module names (q_proj,v_proj).")]
+TrainEmb = Annotated[bool, typer.Option(
+    "--train-embeddings", help="With LoRA, also train the full input and output embeddings.")]
+Batch = Annotated[int | None, typer.Option("--batch", "-b", help="Micro-batch per GPU.")]
+Seq = Annotated[int | None, typer.Option("--seq", "-s", help="Sequence length in tokens.")]
+Gpus = Annotated[int, typer.Option("--gpus", help="M, the GPUs that ZeRO/FSDP shard over.")]
+Classes = Annotated[int, typer.Option("--classes", help="Classes of the classifier head.")]
+Prompt = Annotated[int, typer.Option("--prompt-tokens", help="Soft-prompt tokens P.")]
+Optim = Annotated[str, typer.Option("--optimizer", help="adamw, sgd or sgd-momentum.")]
+Impl = Annotated[str, typer.Option(
+    "--optimizer-impl", help="fused (no temporaries), foreach (+ a copy of the trainable "
+    "params during step) or forloop.")]
+Ckpt = Annotated[bool, typer.Option(
+    "--checkpointing", help="Activation checkpointing: keep block inputs, recompute the rest.")]
+Attention = Annotated[str, typer.Option(
+    "--attention", help="sdpa (flash kernels, no s² scores) or eager (stores s² scores).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")]
+Reserve = Annotated[str | None, typer.Option(
+    "--reserve", help="Per-GPU runtime reserve (CUDA context, allocator), e.g. 1GiB.")]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the options resolved to: the model, the job, N if given, and what was assumed."""
+
+    spec: ModelSpec
+    train: TrainSpec
+    params: int | None
+    assumed: str
+
+
+def resolve_model(params: str | None, model: str | None, config: Path | None
+                  ) -> tuple[ModelSpec, int | None, str]:
+    """The ModelSpec from exactly one of --params, --model, --config."""
+    given = [flag for flag, v in (("--params", params), ("--model", model),
+                                  ("--config", config)) if v is not None]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(given)
+        raise MemplanError(f"give exactly one of --params, --model or --config (got {what}); "
+                           "e.g. --params 7e9 or --model llama-2-7b")
+    if model is not None:
+        from memplan.presets import get_model
+
+        spec = get_model(model)
+        return spec, None, f"preset {spec.name}"
+    if config is not None:
+        from memplan.config import load_config
+
+        spec = load_config(config)
+        return spec, None, f"config {config}"
+    from memplan.shapes import shape_for_params
+    from memplan.units import parse_count
+
+    n = parse_count(params, "--params")
+    spec, sentence = shape_for_params(n)
+    return spec, n, f"N = {n:,} as given; activations and LoRA shapes from {sentence}"
+
+
+def make_job(params: str | None, model: str | None, config: Path | None, *, regime: str = "full",
+             rank: int = 8, alpha: float = 16.0, targets: str = "all",
+             train_embeddings: bool = False, batch: int | None = None, seq: int | None = None,
+             gpus: int = 1, classes: int = 2, prompt_tokens: int = 20, optimizer: str = "adamw",
+             optimizer_impl: str = "fused", checkpointing: bool = False,
+             attention: str = "sdpa") -> Job:
+    """Validate the options and build the job (every bad value raises MemplanError)."""
+    spec, n, assumed = resolve_model(params, model, config)
+    if isinstance(gpus, int) and gpus < 1:
+        raise MemplanError(f"--gpus must be at least 1, got {gpus}")
+    train = TrainSpec(
+        regime=regime, batch=batch, seq=seq,
+        lora=LoraSpec(rank=rank, alpha=alpha, targets=targets, train_embeddings=train_embeddings),
+        num_classes=classes, prompt_tokens=prompt_tokens, gpus=gpus, optimizer=optimizer,
+        optimizer_impl=optimizer_impl, checkpointing=checkpointing, attention=attention,
+    )
+    if seq is not None and spec.learned_positions and seq > spec.max_positions:
+        raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
+                           f"{spec.name}; use --seq {spec.max_positions} or less")
+    return Job(spec, train, n, assumed)
+
+
+def parse_reserve(reserve: str | None) -> int:
+    """The runtime reserve in bytes (default: the planner's documented assumption)."""
+    from memplan.planner import DEFAULT_RESERVE_BYTES
+    from memplan.units import parse_bytes
+
+    if reserve is None:
+        return DEFAULT_RESERVE_BYTES
+    if reserve.strip() in ("0", "0GiB", "0B"):
+        return 0
+    return parse_bytes(reserve, "--reserve")

@@ -1,0 +1,52 @@
+"""``memplan validate``: the matrix of profiles, written to reports/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memplan.cli import options as o
+from memplan.cli.app import command
+from memplan.cli.profile import Device, need_torch
+
+
+@command("validate")
+def validate(
+    device: Device = "auto",
+    quick: Annotated[bool, typer.Option("--quick", help="A few rows only.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the report.")] = Path("reports"),
+    json_out: o.Json = False,
+) -> None:
+    """Profile a matrix of jobs against their plans; write reports/validation-<device>.*"""
+    need_torch()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from memplan.profile.validate import validate as run
+    from memplan.report import print_json
+
+    if out.exists() and not out.is_dir():
+        from memplan.errors import MemplanError
+
+        raise MemplanError(f"--out {str(out)!r} is a file; give a folder")
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), disable=json_out, transient=False) as bar:
+        task = bar.add_task("profiling", total=None)
+
+        def on_row(i: int, n: int, row: dict) -> None:
+            err = row["relative_error"]
+            bar.update(task, completed=i, total=n,
+                       description=f"{row['model']} {row['regime']} "
+                                   f"{'n/a' if err is None else f'{100 * err:+.2f}%'}")
+        try:
+            paths, summary = run(device, quick=quick, out_dir=out, on_row=on_row)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: the finished rows are in the report", err=True)
+            raise typer.Exit(130) from None
+    if json_out:
+        print_json({"summary": summary, "files": [str(p) for p in paths]})
+        return
+    med, mx = summary.get("median_abs_error"), summary.get("max_abs_error")
+    typer.echo(f"{summary['rows']} rows; median |error| {100 * (med or 0):.3f}%, max "
+               f"{100 * (mx or 0):.3f}%; wrote {', '.join(str(p) for p in paths)}")

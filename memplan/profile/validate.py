@@ -1,0 +1,176 @@
+"""``memplan validate``: profile a matrix of jobs and write the report of plan against measure.
+
+Each finished row is appended to ``reports/.validation-<device>.partial.jsonl`` at once, so an
+interrupted run keeps its rows; the report (Markdown, JSON, PNG) is then written whole or not
+at all (temporary file, then rename), and says whether the run was complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from memplan.presets import get_model
+from memplan.profile.matrix import Row, matrix_for, train_of
+from memplan.units import format_bytes
+
+
+def _options(kw: dict) -> str:
+    parts = []
+    for key, value in kw.items():
+        if key == "regime":
+            continue
+        if key == "lora":
+            parts.append(f"r={value.rank} {value.targets}")
+        elif value is True:
+            parts.append(key)
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def run_row(model: str, kw: dict, device: str, steps: int = 2) -> dict:
+    """Profile one row; returns its JSON record."""
+    import dataclasses
+
+    from memplan.profile.compare import profile
+
+    # Fine-tuning runs here without dropout (as LoRA recipes for Llama do): the CPU and CUDA
+    # kernels keep different masks, and the plan of either is checked by the unit tests.
+    spec = dataclasses.replace(get_model(model), dropout=0.0)
+    result = profile(spec, train_of(kw), device=device, steps=steps)
+    return {"model": model, "regime": kw["regime"], "options": _options(kw),
+            "predicted_bytes": result.predicted.total_bytes,
+            "measured_bytes": result.measured.peak_bytes,
+            "relative_error": result.relative_error,
+            "predicted_components": result.predicted.components,
+            "measured_components": result.measured.components,
+            "peak_phase": result.predicted.peak_phase,
+            "wall_seconds": round(result.measured.wall_seconds, 2)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Median and maximum |error|, and how many rows are within 1% and 3%."""
+    errors = [abs(r["relative_error"]) for r in rows if r.get("relative_error") is not None]
+    if not errors:
+        return {"rows": len(rows), "median_abs_error": None, "max_abs_error": None}
+    return {"rows": len(rows), "median_abs_error": statistics.median(errors),
+            "max_abs_error": max(errors),
+            "within_1pct": sum(e <= 0.01 for e in errors),
+            "within_3pct": sum(e <= 0.03 for e in errors)}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict) -> list[Path]:
+    """Write validation-<device>.{json,md,png}; each file whole or not at all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"validation-{device}"
+    summary = summarise(rows)
+    doc = {"device": device, "summary": summary, "meta": meta, "rows": rows}
+    paths = []
+    png = stem.with_suffix(".png")
+    try:
+        from memplan.plots import validation_figure, save_figure
+
+        save_figure(validation_figure(rows, title=f"memplan validate --device {device}"), png)
+        paths.append(png)
+    except ImportError:  # matplotlib missing: the tables still stand
+        pass
+    _atomic_write(stem.with_suffix(".json"), (json.dumps(doc, indent=1) + "\n").encode())
+    _atomic_write(stem.with_suffix(".md"), markdown(doc).encode())
+    return [stem.with_suffix(".json"), stem.with_suffix(".md"), *paths]
+
+
+def markdown(doc: dict) -> str:
+    """The Markdown report."""
+    s, meta = doc["summary"], doc["meta"]
+    pct = (lambda x: "n/a" if x is None else f"{100 * x:.3f}%")
+    lines = [
+        f"# memplan validation — device `{doc['device']}`", "",
+        f"Produced by `{meta['command']}` on {meta['date']} ({meta['platform']}, torch "
+        f"{meta['torch']}, {meta['elapsed_seconds']:.0f} s){'' if meta['complete'] else ' — INTERRUPTED, partial'}.",
+        "", "The plan is `memplan.planner.plan` (pure formulas of the spec, no tensors); the "
+        "measurement is the peak of live tensor storage over the steady-state steps after a "
+        "warm-up step (`memplan.profile.step.measure`).", "",
+        f"**{s['rows']} rows · median |error| {pct(s['median_abs_error'])} · max |error| "
+        f"{pct(s['max_abs_error'])}**"
+        + (f" · within 1%: {s['within_1pct']}/{s['rows']} · within 3%: {s['within_3pct']}/"
+           f"{s['rows']}" if s.get("within_1pct") is not None else ""), "",
+    ]
+    for key, value in meta.get("extra", {}).items():
+        lines.append(f"- {key}: {value}")
+    lines += ["", f"![predicted vs measured](validation-{doc['device']}.png)", "",
+              "| model | regime | options | predicted | measured | error | peak at |",
+              "|---|---|---|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        err = r["relative_error"]
+        lines.append(f"| {r['model']} | {r['regime']} | {r['options']} | "
+                     f"{format_bytes(r['predicted_bytes'])} | {format_bytes(r['measured_bytes'])}"
+                     f" | {'n/a' if err is None else f'{100 * err:+.3f}%'} | {r['peak_phase']} |")
+    return "\n".join(lines) + "\n"
+
+
+def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
+             rows: list[Row] | None = None,
+             on_row: Callable[[int, int, dict], None] | None = None) -> tuple[list[Path], dict]:
+    """Run the matrix for ``device`` and write the report; returns (paths, summary)."""
+    import torch
+
+    from memplan.profile.step import resolve_device
+
+    device = resolve_device(device)
+    matrix = rows if rows is not None else matrix_for(device, quick)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".validation-{device}.partial.jsonl"
+    partial.write_text("")
+    done: list[dict] = []
+    start = time.perf_counter()
+    complete = False
+    try:
+        for i, (model, kw) in enumerate(matrix):
+            record = run_row(model, kw, device)
+            done.append(record)
+            with partial.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if on_row:
+                on_row(i + 1, len(matrix), record)
+        complete = True
+    finally:
+        meta = {"command": "memplan validate --device " + device + (" --quick" if quick else ""),
+                "date": time.strftime("%Y-%m-%d"), "platform": platform.platform(terse=True),
+                "torch": torch.__version__, "complete": complete,
+                "elapsed_seconds": time.perf_counter() - start,
+                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "extra": {}}
+        if device == "fake":
+            meta["extra"]["peak RSS of the whole run"] = format_bytes(meta["max_rss_bytes"])
+        if done:
+            paths = write_report(done, device, out_dir, meta)
+        else:
+            paths = []
+        if complete:
+            partial.unlink(missing_ok=True)
+    return paths, summarise(done)
+
+
+def _main() -> None:  # pragma: no cover - a debugging aid: python -m memplan.profile.validate
+    paths, summary = validate(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    print(json.dumps(summary), *paths)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()
+
+__all__ = ["validate", "run_row", "summarise", "write_report", "markdown"]

@@ -1,0 +1,100 @@
+"""Rendering: rich tables for people, JSON for programs. Sizes become GiB only here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from memplan.planner import COMPONENTS, Breakdown
+from memplan.units import format_bytes, format_count
+
+
+def console() -> Console:
+    """The console on stdout (tables) — JSON goes through :func:`print_json`."""
+    return Console(highlight=False, soft_wrap=False, width=max(Console().width, 120))
+
+
+def print_json(obj: Any) -> None:
+    """Print exactly one JSON object on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def error_line(message: str) -> None:
+    """One red line on stderr."""
+    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", markup=True,
+                                                soft_wrap=True)
+
+
+SHORT = {"weights": "W", "gradients": "G", "optimizer_states": "opt",
+         "master_weights": "master", "activations": "act", "temporaries": "tmp"}
+
+
+def breakdown_text(b: Breakdown) -> str:
+    """'W 12.55 GiB · opt 152.5 MiB · ...' with only the non-zero components."""
+    parts = [f"{SHORT[name]} {format_bytes(b.components[name])}"
+             for name in COMPONENTS if b.components.get(name)]
+    return " · ".join(parts)
+
+
+def fits_text(names: list[str]) -> str:
+    """The smallest GPU that fits (the catalogue by capacity) and how many do."""
+    if not names:
+        return "[red]none listed[/red]"
+    from memplan.presets import gpus
+
+    table = gpus()
+    smallest = min(names, key=lambda n: table[n].capacity_bytes)
+    return f"{smallest} and up ({len(names)} of {len(table)})"
+
+
+def architecture_dict(spec) -> dict:
+    """The ModelSpec as JSON."""
+    from dataclasses import asdict
+
+    return asdict(spec)
+
+
+def estimate_table(title: str, rows: list[tuple[Breakdown, list[str]]]) -> Table:
+    """One row per regime: formula, total, breakdown and the GPUs it fits on."""
+    table = Table(title=title, title_justify="left", show_lines=False)
+    table.add_column("regime", style="bold")
+    table.add_column("formula")
+    table.add_column("peak", justify="right")
+    table.add_column("breakdown at the peak")
+    table.add_column("fits on")
+    for b, gpus in rows:
+        table.add_row(b.regime, b.formula, format_bytes(b.total_bytes), breakdown_text(b),
+                      fits_text(gpus))
+    return table
+
+
+def symbols_line(symbols: dict[str, int]) -> str:
+    """'N = 6.74B (6,738,415,616) · M = 20M (19,988,480)'."""
+    return " · ".join(f"{k} = {format_count(v)} ({v:,})" for k, v in symbols.items())
+
+
+def profile_table(result: Any) -> Table:
+    """Plan beside measurement, component by component, with the relative error."""
+    pred, meas = result.predicted, result.measured
+    err = result.relative_error
+    title = (f"{result.spec.name} · {result.train.regime} · batch {result.train.batch} × seq "
+             f"{result.train.seq} on {meas.device}: "
+             + (f"error {100 * err:+.2f}%" if err is not None else
+                f"does not fit; measured up to {format_bytes(meas.peak_bytes)}"))
+    table = Table(title=title, title_justify="left")
+    for col in ("component", "planned", "measured", "difference"):
+        table.add_column(col, justify="left" if col == "component" else "right")
+    for name in COMPONENTS:
+        p, m = pred.components.get(name, 0), meas.components.get(name, 0)
+        if p or m:
+            table.add_row(name.replace("_", " "), format_bytes(p), format_bytes(m),
+                          format_bytes(p - m))
+    table.add_row("[bold]peak[/bold]", format_bytes(pred.total_bytes),
+                  format_bytes(meas.peak_bytes), format_bytes(pred.total_bytes - meas.peak_bytes))
+    table.caption = (f"plan peaks at {pred.peak_phase.replace('_', ' ')}; "
+                     f"measured in {meas.wall_seconds:.1f} s")
+    return table
