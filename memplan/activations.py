@@ -236,9 +236,12 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     # At the very end, the gradient reaching the embedding (T × h) is alive while the
     # embedding's weight gradient is made; a tied embedding already has one (from the head),
     # so the new one is a temporary added into it.
+    # Both contributions to a tied embedding's gradient meet in autograd's input buffer, which
+    # adds them out of place: the head's (V × h, held since the start), the embedding's and
+    # their sum are alive at once.
     end = tokens * h * d
     if full and spec.tie_embeddings:
-        end += v * spec.hidden_size * 4
+        end = max(end + v * spec.hidden_size * 4, 2 * v * spec.hidden_size * 4)
     notes = []
     if ckpt:
         notes.append(f"checkpointing: one block's {block_saved} bytes are recomputed in backward")
@@ -349,15 +352,18 @@ def _classifier(tape: Tape, spec: ModelSpec, train: TrainSpec, tokens: int, d: i
                 ) -> ActivationPlan:
     """A frozen backbone under no_grad, then a trainable head on the last token.
 
-    Nothing is saved inside the backbone. Its forward peaks in the MLP, where the residual x,
-    the norm's output y and (SwiGLU) act(gate), up and their product live together:
-    T·(2h + 3I); GPT-2's MLP holds c_fc's output and the GELU at once: T·(2h + 2I).
+    Nothing is saved inside the backbone. Its forward peaks in the MLP, where the block's
+    input (still held by the caller's loop), the residual after attention, the norm's output
+    and (SwiGLU) act(gate), up and their product live together: T·(3h + 3I); GPT-2's MLP
+    holds c_fc's output and the GELU at once: T·(3h + 2I). Llama's rotary tables (2 · s ·
+    head_dim) live through the whole forward.
     ``hidden[:, -1]`` is a view, so the head keeps the whole final hidden state (T·h) alive;
     a bf16 backbone's is cast to fp32 first, which copies just the B last tokens.
     """
     b, h, i, c = train.batch, spec.hidden_size, spec.intermediate_size, train.num_classes
     mlp_live = 3 * i if spec.gated_mlp else 2 * i
-    transient = tokens * (2 * h + mlp_live) * d
+    rope = 2 * train.seq * spec.head_dim * d if spec.family == "llama" else 0
+    transient = tokens * (3 * h + mlp_live) * d + rope
     head_in = tokens * h * d if d == FP32 else b * h * FP32
     tape.save(tape.new(b, INT64, False))  # class labels
     during_backbone = tape.saved_bytes()

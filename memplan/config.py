@@ -27,7 +27,9 @@ SUPPORTED_TYPES = (*LLAMA_TYPES, "gpt2")
 
 def _int(cfg: dict[str, Any], key: str, where: str, default: Any = None,
          upper: int = _MAX_DIM) -> int:
-    value = cfg.get(key, default)
+    value = cfg.get(key)
+    if value is None:  # absent or null: transformers uses the default
+        value = default
     if value is None:
         raise ConfigError(f"{where}: missing {key!r}; a {cfg.get('model_type')} config needs it")
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():

@@ -1,4 +1,4 @@
-"""Parameter counting: N (the model), M (LoRA), C (a classifier head), E (input adapters), B (biases).
+"""Parameter counting: N (model), M (LoRA), C (classifier head), E (input adapter), B (biases).
 
 Counts are exact: they equal what transformers builds from the same config (tied weights once)
 and what Hugging Face PEFT reports for the same LoRA config.

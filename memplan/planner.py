@@ -121,7 +121,9 @@ def _largest_itemsize(state: ModelState) -> int:
 
 def _trainable_param_bytes(state: ModelState) -> int:
     """Bytes of the trainable parameters themselves, in their own dtype."""
-    if state.regime in ("full", "mixed", "zero", "zero1", "zero2", "zero3"):
+    if state.regime in ("zero1", "zero2", "zero3"):
+        return state.master_weights_bytes  # the optimizer steps the fp32 master shard
+    if state.regime in ("full", "mixed", "zero"):
         return state.weights_bytes
     new = 4 * state.new_params
     return new + state.compute_bytes * (state.trainable - state.new_params)

@@ -123,43 +123,7 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
     symbols = {"N": n, sym: trainable}
     if new and sym == "M" and trainable != new:
         symbols["M"] = new
-
-    regime = train.regime
-    if regime in ("full", "mixed", "zero", "zero1", "zero2", "zero3"):
-        return n, 0, "N"
-    if regime in ("lora", "lora-bf16", "qlora"):
-        m = P.lora_params(spec, train.lora)
-        return m + P.lora_embedding_params(spec, train.lora), m, "M"
-    if regime == "classifier":
-        c = P.classifier_params(spec, train.num_classes)
-        return c, c, "C"
-    if regime == "input-adapter":
-        e = P.embedding_params(spec)
-        return e, e, "E"
-    if regime == "prompt-tuning":
-        p = P.prompt_params(spec, train.prompt_tokens)
-        return p, p, "P"
-    if regime == "bitfit":
-        b = P.bias_params(spec)
-        if b == 0:
-            raise MemplanError(f"{spec.name} has no bias parameters, so bitfit trains nothing; "
-                               "pick another regime such as lora")
-        return b, 0, "B"
-    raise MemplanError(f"unknown regime {regime!r}")
-
-
-def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) -> ModelState:
-    """The model-state bytes of ``train.regime`` on ``spec``, per GPU.
-
-    ``params`` overrides N (``estimate --params``); the shape still gives M, C, E and B.
-    """
-    n = params or P.count_params(spec)
-    trainable, new, sym = trainable_count(spec, train, n)
-    gpus = train.gpus
-    opt = train.optimizer
-    symbols = {"N": n, sym: trainable}
-    if new and sym == "M" and trainable != new:
-        symbols["M"] = new
+        symbols["E"] = trainable - new  # the embeddings trained beside the adapters
 
     if regime_shards(train.regime) and gpus > 1 and train.regime == "zero":
         pass
@@ -201,7 +165,7 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
     if new:
         formula = f"{base_text} + {_coef(4 + 4 + s)}{sym}"
         if existing:
-            formula += f" + {_coef((compute + compute * s // 4))}E"
+            formula += f" + {_coef(compute + compute * s // 4)}E"
     else:
         formula = f"{base_text} + {_coef(compute + compute * s // 4)}{sym}"
     return ModelState(

@@ -21,7 +21,7 @@ _BYTE_UNITS = {
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
 }
-_NUMBER = r"([0-9][0-9_,]*(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?)"
+_NUMBER = r"([+-]?[0-9][0-9_,]*(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?)"
 
 
 def _finite_positive(number: float, text: str, what: str) -> None:

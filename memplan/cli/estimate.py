@@ -30,8 +30,7 @@ def estimate(
     from memplan.params import bias_params, count_params, lora_params
     from memplan.planner import plan
     from memplan.presets import gpus as gpu_catalogue
-    from memplan.report import (architecture_dict, console, estimate_table, print_json,
-                                symbols_line)
+    from memplan.report import architecture_dict, console, estimate_table, print_json, symbols_line
     from memplan.spec import REGIMES
 
     job = o.make_job(params, model, config, rank=rank, alpha=alpha, targets=targets,
@@ -40,7 +39,11 @@ def estimate(
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                      attention=attention)
     reserve_bytes = o.parse_reserve(reserve)
-    wanted = regime or [r for r in REGIMES if r != "bitfit" or bias_params(job.spec)]
+    # By default, every regime that makes sense for the model and optimizer: BitFit needs
+    # biases, and the ZeRO stages follow the paper's Adam accounting.
+    wanted = regime or [r for r in REGIMES
+                        if (r != "bitfit" or bias_params(job.spec))
+                        and (r not in ("zero1", "zero2", "zero3") or optimizer == "adamw")]
     for name in wanted:
         replace(job.train, regime=name)  # validates the name
     n = job.params or count_params(job.spec)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memplan.errors import MemplanError, OutOfMemory, unknown
-from memplan.profile.trackers import (
+from memplan.profile.storages import (
     ACTIVATIONS,
     CATEGORIES,
     GRADIENTS,
@@ -180,6 +180,14 @@ class CudaTracker:
         if self.capacity_bytes is not None and self._peak > self.capacity_bytes:
             raise OutOfMemory(f"peak allocated {self._peak} bytes, over the capacity of "
                               f"{self.capacity_bytes} bytes", measured_bytes=self._peak)
+
+    @property
+    def extra(self) -> dict[str, int]:
+        """Allocator and device numbers for reports (reserved, runtime reserve, total)."""
+        return {"reserved_bytes": self.reserved_bytes,
+                "peak_reserved_bytes": self.peak_reserved_bytes,
+                "runtime_reserve_bytes": self.runtime_reserve_bytes,
+                "total_bytes": self.total_bytes}
 
     @property
     def runtime_reserve_bytes(self) -> int:

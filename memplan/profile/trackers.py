@@ -7,9 +7,8 @@ op's outputs, plus weak references to their storages that say when the bytes are
 :class:`memplan.profile.cuda.CudaTracker` reads the caching allocator's counters instead.
 :func:`make_tracker` picks one by device name.
 
-Categories (exact strings, in :data:`CATEGORIES`): ``weights``, ``gradients``,
-``optimizer_states``, ``activations`` (storages held by autograd for backward) and
-``temporaries`` (everything else that is live).
+Categories (:data:`CATEGORIES`): weights, gradients, optimizer_states, activations (storages held
+by autograd for backward) and temporaries (everything else that is live).
 
 Nesting with ``FakeTensorMode``: build the model inside the fake mode, then enter the tracker
 *inside* it (``with FakeTensorMode(): model = ...; with StorageTracker(): step()``). The tracker
@@ -22,66 +21,20 @@ records the fake mode active on entry and ignores ops run under any other one (a
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch._guards import active_fake_mode
-from torch.utils._python_dispatch import (
-    TorchDispatchMode,
-    is_traceable_wrapper_subclass,
-    is_traceable_wrapper_subclass_type,
-)
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass_type
 
 from memplan.errors import MemplanError, OutOfMemory, unknown
+from memplan.profile import storages as cat
+from memplan.profile.storages import CATEGORIES, iter_tensors, storages
 
-WEIGHTS = "weights"
-GRADIENTS = "gradients"
-OPTIMIZER_STATES = "optimizer_states"
-ACTIVATIONS = "activations"
-TEMPORARIES = "temporaries"
-CATEGORIES: tuple[str, ...] = (WEIGHTS, GRADIENTS, OPTIMIZER_STATES, ACTIVATIONS, TEMPORARIES)
+__all__ = ["CATEGORIES", "DEVICES", "StorageTracker", "make_tracker", "iter_tensors", "storages"]
+
 DEVICES: tuple[str, ...] = ("cpu", "fake", "cuda")
-
-
-def iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Yield every tensor inside ``obj``.
-
-    Args:
-        obj: A tensor, a module (its parameters and buffers), an optimizer (its state), or a
-            nested mapping (values only) / iterable of those. Other objects are skipped.
-
-    Yields:
-        The tensors found, possibly repeated.
-    """
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, torch.nn.Module):
-        yield from obj.parameters()
-        yield from obj.buffers()
-    elif isinstance(obj, torch.optim.Optimizer):
-        yield from iter_tensors(list(obj.state.values()))
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from iter_tensors(value)
-    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
-        for value in obj:
-            yield from iter_tensors(value)
-
-
-def storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
-    """The untyped storages behind ``t``: its own, or those of a wrapper subclass's inner tensors.
-
-    Tensors without storage (sparse, nested...) give none.
-    """
-    if is_traceable_wrapper_subclass(t):
-        attrs, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
-        inner = (getattr(t, a) for a in attrs)
-        return [st for x in inner if isinstance(x, torch.Tensor) for st in storages(x)]
-    try:
-        return [t.untyped_storage()]
-    except (RuntimeError, NotImplementedError):
-        return []
 
 
 class _Rec(weakref.ref):
@@ -96,9 +49,8 @@ class _Rec(weakref.ref):
 
     def __new__(cls, st: torch.UntypedStorage, callback: Any, nbytes: int, category: str | None):
         self = super().__new__(cls, st, callback)
-        self.key, self.nbytes, self.category, self.saved, self.grad = (
-            id(st), nbytes, category, 0, False
-        )
+        self.key, self.nbytes, self.category = id(st), nbytes, category
+        self.saved, self.grad = 0, False
         return self
 
     def __init__(self, st: torch.UntypedStorage, callback: Any, *_: Any) -> None:
@@ -108,9 +60,7 @@ class _Rec(weakref.ref):
         """Registered category, else gradient, else activation while saved, else temporary."""
         if self.category is not None:
             return self.category
-        if self.grad:
-            return GRADIENTS
-        return ACTIVATIONS if self.saved else TEMPORARIES
+        return cat.GRADIENTS if self.grad else cat.ACTIVATIONS if self.saved else cat.TEMPORARIES
 
 
 class _Saved:
@@ -173,13 +123,6 @@ class StorageTracker(TorchDispatchMode):
         capacity_bytes: Simulated memory size; exceeding it raises
             :class:`memplan.errors.OutOfMemory` with ``measured_bytes`` set.
         require_fake: Refuse to start unless a ``FakeTensorMode`` is active (device "fake").
-
-    Example:
-        >>> with FakeTensorMode():                      # doctest: +SKIP
-        ...     model = build(); opt = make_opt(model)
-        ...     with StorageTracker() as tr:
-        ...         tr.register(model, "weights"); tr.watch_params(model.parameters())
-        ...         step()
     """
 
     def __init__(self, capacity_bytes: int | None = None, require_fake: bool = False) -> None:
@@ -195,10 +138,10 @@ class StorageTracker(TorchDispatchMode):
         self._hooks: Any = None
         self._orig_resize: Any = None
         self.peak_bytes = 0
-        self._peak_components: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self._peak_components = dict.fromkeys(CATEGORIES, 0)
         self._dirty = False  # a peak whose categories are not settled yet
-        self._lost: dict[str, int] = dict.fromkeys(CATEGORIES, 0)  # labels lost since the peak
-        self._unsaved: set[int] = set()
+        self._lost = dict.fromkeys(CATEGORIES, 0)  # bytes freed or unlabelled since the peak
+        self._unsaved: set[int] = set()  # released by autograd since the peak, still live
         self.marks: dict[str, dict[str, int]] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -227,19 +170,19 @@ class StorageTracker(TorchDispatchMode):
         rec.category = category or rec.category
         rec.saved += saved
         rec.grad = rec.grad or grad
-        new = rec.bucket()
+        new, n = rec.bucket(), rec.nbytes
         if old == new:
             return
-        self._totals[old] -= rec.nbytes
-        self._totals[new] += rec.nbytes
-        if self._dirty and saved < 0:  # released for backward after the peak: was an activation
-            self._lost[old] += rec.nbytes
-            self._lost[new] -= rec.nbytes
-            self._unsaved.add(rec.key)
-        elif self._dirty and saved > 0 and rec.key in self._unsaved:  # saved again: undo that
-            self._lost[old] -= rec.nbytes
-            self._lost[new] += rec.nbytes
+        self._totals[old] -= n
+        self._totals[new] += n
+        if self._dirty and rec.key in self._unsaved:  # relabelled again: the new label stands
             self._unsaved.discard(rec.key)
+            self._lost[cat.ACTIVATIONS] -= n
+            self._lost[cat.TEMPORARIES] += n
+        if self._dirty and saved < 0:  # released by autograd after the peak: an activation then
+            self._unsaved.add(rec.key)
+            self._lost[cat.ACTIVATIONS] += n
+            self._lost[cat.TEMPORARIES] -= n
 
     def _resize(self, rec: _Rec, nbytes: int) -> None:
         if nbytes >= rec.nbytes:
@@ -266,11 +209,8 @@ class StorageTracker(TorchDispatchMode):
         self._current += delta
         if self.capacity_bytes is not None and self._current > self.capacity_bytes:
             self._settle()
-            raise OutOfMemory(
-                f"live tensor storage reached {self._current} bytes, over the capacity of "
-                f"{self.capacity_bytes} bytes",
-                measured_bytes=self._current,
-            )
+            raise OutOfMemory(f"live tensor storage reached {self._current} bytes, over the "
+                              f"capacity of {self.capacity_bytes} bytes", self._current)
 
     def _settle(self) -> None:
         if self._dirty:
@@ -281,11 +221,10 @@ class StorageTracker(TorchDispatchMode):
     def _scan_grads(self) -> None:
         """Label the storages now in a watched parameter's ``.grad`` as gradients."""
         for p in self._params.values():
-            if p.grad is not None:
-                self._flag_grad(p.grad)
+            self._flag_grad(p.grad)
 
-    def _flag_grad(self, grad: torch.Tensor) -> None:
-        for st in storages(grad):
+    def _flag_grad(self, grad: torch.Tensor | None) -> None:
+        for st in storages(grad) if grad is not None else ():
             if (rec := self._live.get(id(st))) is not None and not rec.grad:
                 self._relabel(rec, grad=True)
 
@@ -330,15 +269,14 @@ class StorageTracker(TorchDispatchMode):
             if id(p) not in self._params:
                 self._params[id(p)] = p
                 if p.grad is not None:
-                    self.register(p.grad, GRADIENTS)
+                    self.register(p.grad, cat.GRADIENTS)
                 if self._hooks is not None:
                     self._hook(p)
 
     def _hook(self, p: torch.Tensor) -> None:
         if p.requires_grad:
-            self._handles.append(
-                p.register_post_accumulate_grad_hook(lambda q: self._flag_grad(q.grad))
-            )
+            hook = p.register_post_accumulate_grad_hook(lambda q: self._flag_grad(q.grad))
+            self._handles.append(hook)
 
     @property
     def current_bytes(self) -> int:
@@ -352,9 +290,9 @@ class StorageTracker(TorchDispatchMode):
         return dict(self._peak_components)
 
     @property
-    def live_storages(self) -> int:
-        """How many storages are counted now."""
-        return len(self._live)
+    def extra(self) -> dict[str, int]:
+        """Diagnostics for reports: how many storages are counted now."""
+        return {"live_storages": len(self._live)}
 
     def snapshot(self) -> dict[str, int]:
         """The categories of what is live now (summing to :attr:`current_bytes`)."""
@@ -379,13 +317,9 @@ class StorageTracker(TorchDispatchMode):
             raise MemplanError("this StorageTracker is already active; use a new one")
         self._fake_on_entry = active_fake_mode()
         if self.require_fake and self._fake_on_entry is None:
-            raise MemplanError(
-                "device 'fake' needs an active FakeTensorMode: build the model inside "
-                "`with FakeTensorMode():` and enter the tracker inside it"
-            )
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(
-            lambda t: _Saved(self, t), _unpack
-        )
+            raise MemplanError("device 'fake' needs an active FakeTensorMode: build the model "
+                               "inside `with FakeTensorMode():` and enter the tracker inside it")
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(self, t), _unpack)
         self._hooks.__enter__()
         for p in self._params.values():
             self._hook(p)

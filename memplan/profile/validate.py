@@ -82,7 +82,7 @@ def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict) -> li
     paths = []
     png = stem.with_suffix(".png")
     try:
-        from memplan.plots import validation_figure, save_figure
+        from memplan.plots import save_figure, validation_figure
 
         save_figure(validation_figure(rows, title=f"memplan validate --device {device}"), png)
         paths.append(png)
@@ -96,11 +96,13 @@ def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict) -> li
 def markdown(doc: dict) -> str:
     """The Markdown report."""
     s, meta = doc["summary"], doc["meta"]
-    pct = (lambda x: "n/a" if x is None else f"{100 * x:.3f}%")
+    def pct(x):
+        return ("n/a" if x is None else f"{100 * x:.3f}%")
     lines = [
         f"# memplan validation — device `{doc['device']}`", "",
         f"Produced by `{meta['command']}` on {meta['date']} ({meta['platform']}, torch "
-        f"{meta['torch']}, {meta['elapsed_seconds']:.0f} s){'' if meta['complete'] else ' — INTERRUPTED, partial'}.",
+        f"{meta['torch']}, {meta['elapsed_seconds']:.0f} s)"
+        + ("." if meta["complete"] else " — INTERRUPTED: partial."),
         "", "The plan is `memplan.planner.plan` (pure formulas of the spec, no tensors); the "
         "measurement is the peak of live tensor storage over the steady-state steps after a "
         "warm-up step (`memplan.profile.step.measure`).", "",
