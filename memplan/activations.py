@@ -203,8 +203,8 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
         before = tape.saved_bytes()
         if ckpt:  # non-reentrant checkpoint keeps only the block's inputs
             tape.save(x)
-            x = _block(Tape(dropout_mask_bytes), spec, train, x, tokens, b, s, d, full, bitfit,
-                       targeted, rope)
+            scratch = Tape(dropout_mask_bytes, _ids=tape._ids)  # recomputed, not kept
+            x = _block(scratch, spec, train, x, tokens, b, s, d, full, bitfit, targeted, rope)
         else:
             x = _block(tape, spec, train, x, tokens, b, s, d, full, bitfit, targeted, rope)
         block_saved = tape.saved_bytes() - before

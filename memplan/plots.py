@@ -35,7 +35,8 @@ def validation_figure(rows: list[dict], title: str = "predicted vs measured") ->
                     label="±3%")
     ax.plot(xs, xs, color="0.3", lw=1, label="y = x")
     for regime in sorted({r["regime"] for r in done}):
-        pts = [(m, p) for m, p, r in zip(measured, predicted, done, strict=False) if r["regime"] == regime]
+        pts = [(m, p) for m, p, r in zip(measured, predicted, done, strict=True)
+               if r["regime"] == regime]
         ax.scatter([m for m, _ in pts], [p for _, p in pts], s=22, label=regime, zorder=3)
     ax.set(xscale="log", yscale="log", xlim=xs, ylim=xs, xlabel="measured peak (GiB)",
            ylabel="planned peak (GiB)", title=title)
