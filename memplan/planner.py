@@ -5,9 +5,9 @@ occur and reports the largest:
 
 - ``forward_end``: weights, optimizer states, persistent gradient buffers, every activation
   saved for backward and the loss temporaries (logits and log-probabilities);
-- ``backward_start``: the same activations, plus the gradient of the logits and whatever
-  the output layer's backward allocates;
-- ``backward_end``: every gradient, the activations freed, one parameter's gradient in flight;
+- ``backward``: the largest moment of the backward pass, walked node by node on the symbolic
+  autograd of :mod:`memplan.autograd` (saved tensors freed as their nodes run, gradients
+  made and accumulated);
 - ``step``: weights, gradients, optimizer states and the optimizer's own temporaries.
 
 Without batch and sequence length only the model states are planned (the notes' formulas).
@@ -88,19 +88,15 @@ def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
     phases = {"step": _phase(**states, gradients=state.gradients_bytes, temporaries=step_tmp)}
     notes: list[str] = []
     if train.has_activations:
-        mask = A.BOOL if kernels == "cuda" else None
+        mask = 1 if kernels == "cuda" else None  # bool masks on CUDA
         act = A.plan_activations(spec, train, state, dropout_mask_bytes=mask)
         phases["forward_end"] = _phase(**states, gradients=persistent_grads,
                                        activations=act.saved_bytes,
                                        temporaries=act.loss_forward_bytes)
-        activations, grads, temporaries = max(act.backward_moments, key=sum)
-        if mixed:  # the head's fp32 gradient is a temporary until its hook runs
-            grads, temporaries = 0, temporaries + grads
-        phases["backward_start"] = _phase(**states, gradients=persistent_grads + grads,
-                                          activations=activations, temporaries=temporaries)
-        in_flight = 4 * max(O.trainable_tensors(spec, train)) if mixed else 0
-        phases["backward_end"] = _phase(**states, gradients=state.gradients_bytes,
-                                        temporaries=act.backward_end_bytes + in_flight)
+        moment = act.backward
+        phases["backward"] = _phase(**states, gradients=persistent_grads + moment.gradients,
+                                    activations=moment.activations,
+                                    temporaries=moment.temporaries)
         notes.extend(act.notes)
     else:
         notes.append("activations excluded: give --batch and --seq to plan them")

@@ -1,0 +1,226 @@
+"""A symbolic autograd: tensor sizes through a forward pass, then the backward pass walked.
+
+Nothing here touches tensors; it follows how PyTorch stores them. Each op of the forward
+creates its output (a :class:`Sym`: elements, bytes per element, requires-grad, storage),
+saves for backward exactly what its derivative in ``tools/autograd/derivatives.yaml`` needs for
+the inputs that require grad, and records a :class:`Node` when its output requires grad.
+
+:meth:`Tape.backward` then walks the nodes the way autograd's engine does (reverse order of
+creation): a node runs once its output's gradient has arrived; it allocates the gradients of
+its inputs (or passes its own gradient through, for additions and views) and of its
+parameters; then its incoming gradient and saved tensors are released; then each input
+gradient is added into that input's buffer (in place when one side is not shared, as
+``InputBuffer::accumulate`` does, else out of place). The largest moment is the backward peak.
+
+Activation checkpointing: a checkpointed block's saved tensors are not kept in the forward;
+they reappear (recomputed) when backward reaches the block's first node.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+FP32, INT64, BOOL = 4, 8, 1
+ALIAS = -1  # an input's gradient is the node's own incoming gradient (add, view, copy)
+
+
+@dataclass(eq=False)
+class Sym:
+    """A symbolic tensor: element count, bytes per element, requires-grad, storage id."""
+
+    numel: int
+    itemsize: int
+    rg: bool
+    storage: int
+    storage_bytes: int = 0  # of the storage (a view's may be larger than the view)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def held(self) -> int:
+        """Bytes of the storage this value keeps alive."""
+        return self.storage_bytes or self.nbytes
+
+
+@dataclass(eq=False)
+class Node:
+    """One autograd node: outputs, inputs with the bytes of their gradients, saved storages."""
+
+    outputs: list[Sym]
+    inputs: list[tuple[Sym, int]]  # (input, gradient bytes or ALIAS)
+    saved: list[Sym]
+    param_grad: int = 0            # bytes of parameter gradients it makes
+    scratch: int = 0               # bytes allocated and freed inside its backward
+    group: int | None = None       # the checkpointed block it belongs to
+    tied: bool = False             # its parameter gradient is for a tied embedding
+
+
+@dataclass(eq=False)
+class _Grad:
+    nbytes: int
+    refs: int = 1
+
+
+@dataclass
+class Moment:
+    """Bytes beyond the model states at the backward peak, by component."""
+
+    activations: int = 0
+    gradients: int = 0
+    temporaries: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.gradients + self.temporaries
+
+
+@dataclass
+class Tape:
+    """Records a symbolic forward pass and walks its backward.
+
+    ``dropout_mask_bytes``: bytes per element of a dropout mask (1 on CUDA, where the mask is
+    bool; None on the CPU kernels, whose mask has the input's dtype). ``param_grads_temporary``:
+    parameter gradients are moved out at once (the mixed recipe's hooks) instead of kept.
+    """
+
+    dropout_mask_bytes: int | None = BOOL
+    param_grads_temporary: bool = False
+    saved: dict[int, int] = field(default_factory=dict)
+    nodes: list[Node] = field(default_factory=list)
+    pinned: set[int] = field(default_factory=set)
+    deferred: dict[int, dict[int, int]] = field(default_factory=dict)
+    group: int | None = None
+    _ids: itertools.count = field(default_factory=itertools.count)
+    _hold: list[Sym] = field(default_factory=list)
+
+    # ---- building ----------------------------------------------------------------------
+    def new(self, numel: int, itemsize: int, rg: bool) -> Sym:
+        """A fresh tensor with its own storage."""
+        return Sym(numel, itemsize, rg, next(self._ids))
+
+    def view(self, t: Sym, numel: int | None = None, rg: bool | None = None) -> Sym:
+        """A view: another value sharing ``t``'s storage."""
+        return Sym(t.numel if numel is None else numel, t.itemsize, t.rg if rg is None else rg,
+                   t.storage, t.held)
+
+    def pin(self, t: Sym) -> None:
+        """A storage that lives through the whole step (the batch), counted as saved."""
+        self.pinned.add(t.storage)
+        self.saved[t.storage] = t.held
+
+    def begin_group(self, group: int, inputs: list[Sym]) -> None:
+        """Start a checkpointed block: only ``inputs`` are kept, by its first node."""
+        self.group = group
+        self.deferred[group] = {}
+        self._hold = [t for t in inputs]
+        for t in inputs:
+            self.saved[t.storage] = t.held
+
+    def end_group(self) -> None:
+        """End the checkpointed block."""
+        if self._hold:  # no node in the block: its inputs live to the end
+            self.pinned.update(t.storage for t in self._hold)
+        self.group, self._hold = None, []
+
+    def op(self, out: Sym, inputs: list[tuple[Sym, int]], saves: list[Sym] = (),
+           param_grad: int = 0, scratch: int = 0, outputs: list[Sym] | None = None,
+           tied: bool = False) -> Sym:
+        """Record an op: save ``saves``; add a node when the output requires grad."""
+        inputs = [(t, g) for t, g in inputs if t.rg]
+        saves = list(saves)
+        target = self.saved if self.group is None else self.deferred[self.group]
+        for t in saves:
+            target[t.storage] = t.held
+        if out.rg:
+            saved = saves
+            if self._hold and self.group is not None:
+                saved = saves + self._hold  # checkpoint keeps the block inputs until here
+                self._hold = []
+            self.nodes.append(Node(outputs or [out], inputs, saved, param_grad, scratch,
+                                   self.group, tied))
+        return out
+
+    def saved_bytes(self) -> int:
+        """Bytes saved for backward now (checkpointed blocks: their inputs only)."""
+        return sum(self.saved.values())
+
+    # ---- backward ------------------------------------------------------------------------
+    def backward(self, loss: Sym) -> Moment:
+        """Walk the recorded nodes from ``loss``; return the largest moment."""
+        refs: dict[int, int] = {}
+        for node in self.nodes:
+            for st in {t.storage for t in node.saved}:
+                refs[st] = refs.get(st, 0) + 1
+        live = dict(self.saved)
+        buffers: dict[int, _Grad] = {id(loss): _Grad(loss.nbytes)}
+        grads = loss.nbytes
+        params = 0
+        tied_pending = 0
+        materialised: set[int] = set()
+        peak = Moment()
+
+        def check(extra: int = 0) -> None:
+            nonlocal peak
+            now = Moment(sum(live.values()), params, grads + extra + tied_pending)
+            if now.total > peak.total:
+                peak = now
+
+        def release(g: _Grad) -> None:
+            nonlocal grads
+            g.refs -= 1
+            if g.refs == 0:
+                grads -= g.nbytes
+
+        check()
+        for node in reversed(self.nodes):
+            incoming = [buffers.pop(id(out)) for out in node.outputs if id(out) in buffers]
+            if not incoming:
+                continue  # no gradient reached it: nothing below needs one
+            if node.group is not None and node.group not in materialised:
+                materialised.add(node.group)
+                live.update(self.deferred[node.group])  # recomputed for backward
+                check()
+            # Outputs whose gradient never came are filled with zeros (e.g. split).
+            missing = sum(out.nbytes for out in node.outputs) - sum(g.nbytes for g in incoming)
+            made: list[tuple[Sym, _Grad]] = []
+            for t, nbytes in node.inputs:
+                if nbytes == ALIAS:
+                    incoming[0].refs += 1
+                    made.append((t, incoming[0]))
+                else:
+                    made.append((t, _Grad(nbytes)))
+                    grads += nbytes
+            grad_p = node.param_grad
+            if node.tied and not tied_pending:  # the head: held in the input buffer
+                tied_pending, grad_p = grad_p, 0
+            elif node.tied:  # the embedding: its gradient and the sum, out of place
+                check(node.scratch + 2 * grad_p)
+                tied_pending = 0
+            params += grad_p
+            check(node.scratch + (len(incoming) < len(node.outputs)) * missing)
+            if self.param_grads_temporary:
+                params -= grad_p
+            for g in incoming:
+                release(g)
+            for st in {t.storage for t in node.saved}:
+                refs[st] -= 1
+                if refs[st] == 0 and st not in self.pinned:
+                    live.pop(st, None)
+            for t, g in made:
+                old = buffers.get(id(t))
+                if old is None:
+                    buffers[id(t)] = g
+                elif old.refs == 1 or g.refs == 1:  # InputBuffer: in place into an unshared one
+                    keep, drop = (old, g) if old.refs == 1 else (g, old)
+                    buffers[id(t)] = keep
+                    release(drop)
+                else:
+                    grads += t.nbytes
+                    check()
+                    release(old)
+                    release(g)
+                    buffers[id(t)] = _Grad(t.nbytes)
+        return peak

@@ -1,0 +1,123 @@
+"""The ops of the reference models on the symbolic tape (:mod:`memplan.autograd`).
+
+Each function creates its output, saves what the op's derivative needs (PyTorch's
+``tools/autograd/derivatives.yaml``) for the inputs that require grad, and records what its
+backward allocates. Where a backward allocates more than the gradients it returns, the
+``scratch`` says so (measured per op by ``memplan.profile`` trackers; e.g. ``pow`` builds
+``2·x`` and its product with the gradient before returning).
+"""
+
+from __future__ import annotations
+
+from memplan.autograd import ALIAS, FP32, Sym, Tape
+
+def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg: bool = False,
+           lora_rank: int = 0, lora_cast: bool = False, in_features: int = 0,
+           tied: bool = False) -> Sym:
+    """``x W^T + b`` (grad_W needs x), plus LoRA's ``s·B(A(x))`` when ranked.
+
+    LoRA's branch: A's and B's weights train, so x and A's rank-R output are kept; a bf16 base
+    casts A and B per forward (kept when the other operand needs a gradient).
+    """
+    in_features = in_features or x.numel // tokens
+    base = tape.new(tokens * out_features, x.itemsize, x.rg or w_rg or b_rg)
+    tape.op(base, [(x, x.nbytes)], [x] if w_rg else [],
+            param_grad=4 * in_features * out_features * w_rg + 4 * out_features * b_rg,
+            tied=tied)
+    if not lora_rank:
+        return base
+    saves_a = [x] + ([tape.new(lora_rank * in_features, x.itemsize, True)]
+                     if lora_cast and x.rg else [])
+    a = tape.op(tape.new(tokens * lora_rank, x.itemsize, True), [(x, x.nbytes)], saves_a,
+                param_grad=4 * lora_rank * in_features)
+    saves_b = [a] + ([tape.new(lora_rank * out_features, x.itemsize, True)] if lora_cast else [])
+    bo = tape.op(tape.new(tokens * out_features, x.itemsize, True), [(a, a.nbytes)], saves_b,
+                 param_grad=4 * lora_rank * out_features)
+    scaled = tape.op(tape.new(bo.numel, x.itemsize, True), [(bo, bo.nbytes)])
+    return add(tape, base, scaled)
+
+
+def add(tape: Tape, a: Sym, b: Sym) -> Sym:
+    """Elementwise sum: saves nothing; its gradient passes through to both inputs."""
+    out = tape.new(max(a.numel, b.numel), a.itemsize, a.rg or b.rg)
+    return tape.op(out, [(a, ALIAS if a.numel == out.numel else a.nbytes),
+                         (b, ALIAS if b.numel == out.numel else b.nbytes)])
+
+
+def mul(tape: Tape, a: Sym, b: Sym) -> Sym:
+    """Elementwise product: grad_a needs b, grad_b needs a. A broadcast operand's gradient
+    is the full product ``g·other`` summed down (a full-size temporary)."""
+    out = tape.new(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.rg or b.rg)
+    saves = ([b] if a.rg else []) + ([a] if b.rg else [])
+    scratch = sum(out.nbytes for t in (a, b) if t.rg and t.numel < out.numel)
+    return tape.op(out, [(a, a.nbytes), (b, b.nbytes)], saves, scratch=scratch)
+
+
+def scale(tape: Tape, x: Sym, w_rg: bool, hidden: int) -> Sym:
+    """``weight · x`` with a per-channel weight: its gradient reduces ``g · x`` over tokens."""
+    out = tape.new(x.numel, x.itemsize, x.rg or w_rg)
+    return tape.op(out, [(x, x.nbytes)], [x] if w_rg else [], param_grad=4 * hidden * w_rg,
+                   scratch=x.nbytes if w_rg else 0)
+
+
+def unary(tape: Tape, x: Sym, saves_input: bool = True, itemsize: int | None = None,
+          numel: int | None = None, scratch: int = 0) -> Sym:
+    """A one-input op whose backward makes one gradient of the input's size."""
+    out = tape.new(x.numel if numel is None else numel, itemsize or x.itemsize, x.rg)
+    return tape.op(out, [(x, x.nbytes)], [x] if saves_input and x.rg else [], scratch=scratch)
+
+
+def cast(tape: Tape, x: Sym, itemsize: int) -> Sym:
+    """``.to(dtype)``: the same tensor in its own dtype, else a copy (saves nothing)."""
+    return x if itemsize == x.itemsize else unary(tape, x, False, itemsize)
+
+
+def dropout(tape: Tape, x: Sym, p: float) -> Sym:
+    """Dropout keeps its mask (bool on CUDA, the input's dtype on the CPU kernels)."""
+    if p <= 0:
+        return x
+    mask = tape.new(x.numel, tape.dropout_mask_bytes or x.itemsize, False)
+    out = tape.new(x.numel, x.itemsize, x.rg)
+    return tape.op(out, [(x, x.nbytes)], [mask] if x.rg else [])
+
+
+def rmsnorm(tape: Tape, x: Sym, tokens: int, hidden: int, w_rg: bool) -> Sym:
+    """HF LlamaRMSNorm: ``w · (x32 · rsqrt(mean(x32²) + eps)).to(dtype)``."""
+    x32 = cast(tape, x, FP32)
+    sq = unary(tape, x32, scratch=2 * x32.nbytes)  # pow(2): grad 2·x·g, two temporaries
+    var = unary(tape, sq, saves_input=False, numel=tokens)  # mean
+    var_eps = tape.op(tape.new(tokens, FP32, var.rg), [(var, ALIAS)])
+    r = tape.new(tokens, FP32, var_eps.rg)
+    tape.op(r, [(var_eps, var_eps.nbytes)], [r] if r.rg else [])  # rsqrt saves its result
+    xhat = mul(tape, x32, r)
+    return scale(tape, cast(tape, xhat, x.itemsize), w_rg, hidden)
+
+
+def layernorm(tape: Tape, x: Sym, tokens: int, hidden: int, w_rg: bool) -> Sym:
+    """native_layer_norm saves its input and the fp32 mean and rstd per token."""
+    out = tape.new(x.numel, x.itemsize, x.rg or w_rg)
+    saves = [x, tape.new(tokens, FP32, False), tape.new(tokens, FP32, False)] if out.rg else []
+    return tape.op(out, [(x, x.nbytes)], saves, param_grad=2 * 4 * hidden * w_rg)
+
+
+def cross_entropy(tape: Tape, logits: Sym, tokens: int, vocab: int, target: Sym | None
+                  ) -> tuple[Sym, int]:
+    """``cross_entropy(logits.float())``: log_softmax saves its fp32 output, nll_loss the
+    target and a scalar weight. Returns the loss and the bytes alive at the forward's peak
+    beyond saved ones (the logits and their fp32 copy, while log_softmax runs)."""
+    x32 = cast(tape, logits, FP32)
+    logp = tape.new(tokens * vocab, FP32, x32.rg)
+    tape.op(logp, [(x32, x32.nbytes)], [logp] if logp.rg else [])  # keeps its output
+    weight = tape.new(1, FP32, False)
+    loss = tape.new(1, FP32, logp.rg)
+    tape.op(loss, [(logp, logp.nbytes)], [weight] + ([target] if target else []))
+    copy = x32.nbytes if x32 is not logits else 0
+    return loss, logits.nbytes + copy
+
+
+def embedding(tape: Tape, ids: Sym, tokens: int, rows: int, hidden: int, d: int, w_rg: bool,
+              tied: bool = False) -> Sym:
+    """A table lookup: its weight's gradient (rows × hidden, fp32) needs the ids."""
+    out = tape.new(tokens * hidden, d, w_rg)
+    return tape.op(out, [], [ids] if w_rg else [], param_grad=4 * rows * hidden * w_rg,
+                   tied=tied)
