@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memplan import params as P
 from memplan import ops
+from memplan import params as P
 from memplan.autograd import ALIAS, FP32, INT64, Moment, Sym, Tape
 from memplan.regimes import ModelState
 from memplan.spec import ModelSpec, TrainSpec
@@ -29,8 +29,7 @@ from memplan.spec import ModelSpec, TrainSpec
 class ActivationPlan:
     """Activation bytes of one step, for the planner's phases (beyond the model states)."""
 
-    saved_bytes: int          # saved for backward at the end of forward (with the batch)
-    loss_forward_bytes: int   # what the loss (or a no-grad forward) holds on top, at its peak
+    forward: Moment           # the largest moment of the forward pass
     backward: Moment          # the largest moment of the backward pass
     notes: tuple[str, ...] = ()
 
@@ -60,11 +59,18 @@ LORA_REGIMES = ("lora", "lora-bf16", "qlora")
 
 
 def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
-                     dropout_mask_bytes: int | None = 1) -> ActivationPlan:
-    """Run one forward pass symbolically, then its backward; report both peaks."""
+                     runtime: str = "cuda") -> ActivationPlan:
+    """Run one forward pass symbolically, then its backward; report both peaks.
+
+    ``runtime``: ``cuda`` plans a real run; ``cpu`` and ``fake`` plan a run measured by
+    memplan's tracker (CPU kernels keep dropout masks in the input's dtype, and any active
+    TorchDispatchMode makes autograd add gradients out of place).
+    """
     assert train.batch is not None and train.seq is not None
     regime = train.regime
-    tape = Tape(dropout_mask_bytes=dropout_mask_bytes, param_grads_temporary=regime == "mixed")
+    tape = Tape(dropout_mask_bytes=1 if runtime == "cuda" else None,
+                param_grads_temporary=regime == "mixed",
+                inplace_accumulation=runtime == "cuda")
     prompt = train.prompt_tokens if regime == "prompt-tuning" else 0
     lora = regime in LORA_REGIMES
     job = _Job(spec, train, train.batch, train.seq + prompt, state.compute_bytes,
@@ -82,35 +88,62 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     x = ops.embedding(tape, ids, b * train.seq, v, h, d, embed_rg, tied=tied)
     target: Sym = tape.view(batch, numel=b * train.seq)
     if regime == "input-adapter":  # embed(ids) + delta(ids), the delta trains
-        x = ops.add(tape, x, ops.embedding(tape, ids, tokens, v, h, d, True))
+        delta = ops.embedding(tape, ids, tokens, v, h, d, True)
+        base, x = x, ops.add(tape, x, delta)
+        tape.free(base, delta)
     if regime == "prompt-tuning":  # cat(prompt.expand(B, P, h), embed(ids)); labels padded
-        x = tape.op(tape.new(tokens * h, d, True), [], param_grad=4 * prompt * h)
-        target = tape.new(tokens, INT64, False)
+        base, x = x, tape.op(tape.new(tokens * h, d, True), [], param_grad=4 * prompt * h)
+        tape.free(base)
+        target = tape.alloc(tape.new(tokens, INT64, False))
+    held = []  # hidden_states' locals: GPT-2's position ids, Llama's rotary tables
     if spec.learned_positions:
-        positions = tape.new(job.s, INT64, False)
+        positions = tape.alloc(tape.new(job.s, INT64, False))
         pos = ops.embedding(tape, positions, job.s, spec.max_positions, h, d, job.full)
-        x = ops.dropout(tape, ops.add(tape, x, pos), spec.dropout)
-    rope = [tape.new(job.s * spec.head_dim, d, False) for _ in range(2)] \
-        if spec.family == "llama" else []
+        summed = ops.add(tape, x, pos)
+        tape.free(x, pos)
+        x = ops.dropout(tape, summed, spec.dropout)
+        if x is not summed:
+            tape.free(summed)
+        held = [positions]
+    rope = _rope_tables(tape, job) if spec.family == "llama" else []
+    held += rope
 
     ckpt = train.checkpointing
     for i in range(spec.num_layers):
         if ckpt:  # non-reentrant checkpoint: keeps the block's inputs, recomputes the rest
             tape.begin_group(i, [x, *rope])
-        x = _block(tape, job, x, rope)
+        x_in, x = x, _block(tape, job, x, rope)
+        tape.free(x_in)
         if ckpt:
             tape.end_group()
 
     if spec.norm == "layernorm":
-        x = ops.layernorm(tape, x, tokens, h, job.full or job.bitfit)
+        hidden = ops.layernorm(tape, x, tokens, h, job.full or job.bitfit)
     else:
-        x = ops.rmsnorm(tape, x, tokens, h, job.full)
-    head_rg = embed_rg
-    logits = ops.linear(tape, x, v, tokens, w_rg=head_rg, tied=tied)
-    loss, loss_forward = ops.cross_entropy(tape, logits, tokens, v, target)
-    saved = tape.saved_bytes()
+        hidden = ops.rmsnorm(tape, x, tokens, h, job.full)
+    tape.free(x, *held)
+    logits = ops.linear(tape, hidden, v, tokens, w_rg=embed_rg, tied=tied)
+    tape.free(hidden)
+    loss = ops.cross_entropy(tape, logits, tokens, v, target)
+    tape.free(logits)
     notes = ("checkpointing: each block is recomputed in backward",) if ckpt else ()
-    return ActivationPlan(saved, loss_forward, tape.backward(loss), notes)
+    return ActivationPlan(tape.forward_peak, tape.backward(loss), notes)
+
+
+def _rope_tables(tape: Tape, job: _Job) -> list[Sym]:
+    """cos and sin (s × head_dim), computed in fp32 from positions and inv_freq."""
+    s, hd, d = job.s, job.spec.head_dim, job.d
+    temps = [tape.alloc(tape.new(n, FP32, False)) for n in (s, s * hd // 2, s * hd)]
+    tables = []
+    for _ in range(2):  # emb.cos().to(dtype), emb.sin().to(dtype)
+        t32 = tape.alloc(tape.new(s * hd, FP32, False))
+        if d != FP32:
+            tables.append(tape.alloc(tape.new(s * hd, d, False)))
+            tape.free(t32)
+        else:
+            tables.append(t32)
+    tape.free(*temps)
+    return tables
 
 
 def _block(tape: Tape, job: _Job, x: Sym, rope: list[Sym]) -> Sym:
@@ -134,23 +167,55 @@ def _block(tape: Tape, job: _Job, x: Sym, rope: list[Sym]) -> Sym:
                                                                 spec.kv_dim))
         tape.op(q, [(qkv, qkv.nbytes)], outputs=[q, k, v])  # split: its backward cats
         att = _attention(tape, job, q, k, v, fused=True)
-        x = ops.add(tape, x, ops.dropout(tape, linear(att, "attn.c_proj"), spec.dropout))
-        y = ops.layernorm(tape, x, tokens, h, job.full or job.bitfit)
-        u = ops.unary(tape, linear(y, "mlp.c_fc"))  # GELU keeps its input
-        return ops.add(tape, x, ops.dropout(tape, linear(u, "mlp.c_proj"), spec.dropout))
+        proj = _dropout(tape, linear(att, "attn.c_proj"), spec.dropout)
+        tape.free(qkv, att, y)  # attn's locals, and its argument ln_1(x)
+        x2 = ops.add(tape, x, proj)
+        tape.free(proj)
+        y2 = ops.layernorm(tape, x2, tokens, h, job.full or job.bitfit)
+        f = linear(y2, "mlp.c_fc")
+        u = ops.unary(tape, f)  # GELU keeps its input
+        tape.free(f)
+        m = _dropout(tape, linear(u, "mlp.c_proj"), spec.dropout)
+        tape.free(u, y2)
+        out = ops.add(tape, x2, m)
+        tape.free(m, x2)
+        return out
 
     y = ops.rmsnorm(tape, x, tokens, h, job.full)
-    q, k = (_rotary(tape, linear(y, name), rope) for name in ("self_attn.q_proj",
-                                                               "self_attn.k_proj"))
-    v = linear(y, "self_attn.v_proj")
+    q_lin, k_lin, v = (linear(y, f"self_attn.{n}_proj") for n in "qkv")
+    q = _rotary(tape, q_lin, rope)
+    k = _rotary(tape, k_lin, rope)
+    tape.free(q_lin, k_lin)  # apply_rotary's results rebind q and k
     att = _attention(tape, job, q, k, v, fused=False)
-    x = ops.add(tape, x, linear(att, "self_attn.o_proj"))
-    y = ops.rmsnorm(tape, x, tokens, h, job.full)
+    o = linear(att, "self_attn.o_proj")
+    tape.free(q, k, v, att, y)
+    x2 = ops.add(tape, x, o)
+    tape.free(o)
+    y2 = ops.rmsnorm(tape, x2, tokens, h, job.full)
     if spec.gated_mlp:  # act(gate(y)) * up(y)
-        u = ops.mul(tape, ops.unary(tape, linear(y, "mlp.gate_proj")), linear(y, "mlp.up_proj"))
+        g = linear(y2, "mlp.gate_proj")
+        a = ops.unary(tape, g)
+        tape.free(g)
+        up = linear(y2, "mlp.up_proj")
+        u = ops.mul(tape, a, up)
+        tape.free(a, up)
     else:
-        u = ops.unary(tape, linear(y, "mlp.up_proj"))
-    return ops.add(tape, x, linear(u, "mlp.down_proj"))
+        up = linear(y2, "mlp.up_proj")
+        u = ops.unary(tape, up)
+        tape.free(up)
+    dn = linear(u, "mlp.down_proj")
+    tape.free(u, y2)
+    out = ops.add(tape, x2, dn)
+    tape.free(dn, x2)
+    return out
+
+
+def _dropout(tape: Tape, x: Sym, p: float) -> Sym:
+    """Residual dropout; its input is dropped once it has run."""
+    out = ops.dropout(tape, x, p)
+    if out is not x:
+        tape.free(x)
+    return out
 
 
 def _rotary(tape: Tape, t: Sym, rope: list[Sym]) -> Sym:
@@ -168,7 +233,12 @@ def _rotary(tape: Tape, t: Sym, rope: list[Sym]) -> Sym:
     neg = ops.unary(tape, upper, saves_input=False)
     rot = tape.new(t.numel, t.itemsize, t.rg)
     tape.op(rot, [(neg, ALIAS), (lower, ALIAS)])  # cat: its gradient's halves are views
-    return ops.add(tape, a, ops.mul(tape, rot, sin))
+    tape.free(neg)
+    b = ops.mul(tape, rot, sin)
+    tape.free(rot)
+    out = ops.add(tape, a, b)
+    tape.free(a, b)
+    return out
 
 
 def _attention(tape: Tape, job: _Job, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
@@ -186,8 +256,13 @@ def _attention(tape: Tape, job: _Job, q: Sym, k: Sym, v: Sym, fused: bool) -> Sy
         # logsumexp per head and query; the output's layout makes the (B, T, nh·hd)
         # reshape a view. Their backward makes the gradients of q, k and v only.
         out = tape.new(tokens * nh * hd, d, rg)
-        saves = [q, k, v, out, tape.new(b * nh * s, FP32, False)] if rg else []
-        return tape.op(out, [(q, q.nbytes), (k, k.nbytes), (v, v.nbytes)], saves)
+        lse = tape.new(b * nh * s, FP32, False)
+        tape.op(out, [(q, q.nbytes), (k, k.nbytes), (v, v.nbytes)],
+                [q, k, v, out, lse] if rg else [])
+        if not rg:
+            tape.alloc(lse)
+            tape.free(lse)
+        return out
 
     def copy(t: Sym, numel: int, repeat: bool) -> Sym:
         """reshape of a strided view copies (its gradient is a view); repeat_kv's expand
@@ -196,28 +271,46 @@ def _attention(tape: Tape, job: _Job, q: Sym, k: Sym, v: Sym, fused: bool) -> Sy
         return tape.op(out, [(t, t.nbytes if repeat else ALIAS)])
 
     gqa = nkv != nh
-    if fused:  # strided slices of c_attn's output: q, k^T and v are all copied by matmul
-        q_r, k_r, v_r = (copy(t, tokens * nh * hd, False) for t in (q, k, v))
-    else:  # rotary q is contiguous; k^T is a view unless repeated; v is copied or repeated
-        q_r = q
-        k_r = copy(k, tokens * nh * hd, True) if gqa else k
-        v_r = copy(v, tokens * nh * hd, gqa)
     n_scores = b * nh * s * s
+    if gqa and not fused:  # repeat_kv rebinds k and v inside attend
+        k = copy(k, tokens * nh * hd, True)
+        v = copy(v, tokens * nh * hd, True)
+    # matmul folds (B, nh) with reshape: q (GPT-2's strided slice) and k^T are copied unless
+    # they are contiguous (Llama's rotary output, or a repeat_kv copy); the copies are temps.
+    q_r = copy(q, q.numel, False) if fused else q
+    k_r = copy(k, k.numel, False) if fused else k
     scores = tape.new(n_scores, d, rg)
     tape.op(scores, [(q_r, q_r.nbytes), (k_r, k_r.nbytes)],
             ([k_r] if q_r.rg else []) + ([q_r] if k_r.rg else []))
+    tape.free(*(t for t in (q_r, k_r) if t not in (q, k)))
     scaled = ops.unary(tape, scores, saves_input=False)
-    mask = tape.new(s * s, 1, False)  # the causal mask, made per call
+    tape.free(scores)
+    mask = tape.alloc(tape.new(s * s, 1, False))  # the causal mask, made per call
     masked = tape.new(n_scores, d, rg)
     tape.op(masked, [(scaled, scaled.nbytes)], [mask] if rg else [])
+    tape.free(scaled)
     x32 = ops.cast(tape, masked, FP32)
     probs32 = tape.new(n_scores, FP32, rg)
     tape.op(probs32, [(x32, x32.nbytes)], [probs32] if rg else [])  # softmax keeps its output
-    probs = ops.dropout(tape, ops.cast(tape, probs32, d), spec.dropout)
+    if x32 is not masked:
+        tape.free(x32)
+    probs = ops.cast(tape, probs32, d)
+    if probs is not probs32:
+        tape.free(probs32)
+    dropped = ops.dropout(tape, probs, spec.dropout)
+    if dropped is not probs:
+        tape.free(probs)
+    # v: Llama's is a transposed view (copied by the reshape unless repeated); GPT-2's a slice
+    v_r = copy(v, tokens * nh * hd, False) if fused or not gqa else v
     out = tape.new(tokens * nh * hd, d, rg)
-    tape.op(out, [(probs, probs.nbytes), (v_r, v_r.nbytes)],
-            ([v_r] if probs.rg else []) + ([probs] if v_r.rg else []))
-    return copy(out, out.numel, False)  # transpose(1, 2).reshape copies
+    tape.op(out, [(dropped, dropped.nbytes), (v_r, v_r.nbytes)],
+            ([v_r] if dropped.rg else []) + ([dropped] if v_r.rg else []))
+    tape.free(*(t for t in (v_r,) if t is not v), masked, mask, dropped)
+    if gqa and not fused:
+        tape.free(k, v)
+    flat = copy(out, out.numel, False)  # transpose(1, 2).reshape copies
+    tape.free(out)
+    return flat
 
 
 def _classifier(tape: Tape, job: _Job) -> ActivationPlan:
@@ -241,4 +334,4 @@ def _classifier(tape: Tape, job: _Job) -> ActivationPlan:
     saved = batch + head_in + b * c * FP32 + FP32  # + log-probabilities, nll's weight
     backward = Moment(activations=saved, gradients=4 * (h * c + c),
                       temporaries=2 * b * c * FP32)
-    return ActivationPlan(batch, transient, backward)
+    return ActivationPlan(Moment(activations=batch, temporaries=transient), backward)

@@ -84,17 +84,24 @@ class Tape:
     ``dropout_mask_bytes``: bytes per element of a dropout mask (1 on CUDA, where the mask is
     bool; None on the CPU kernels, whose mask has the input's dtype). ``param_grads_temporary``:
     parameter gradients are moved out at once (the mixed recipe's hooks) instead of kept.
+    ``inplace_accumulation``: autograd adds a second gradient into an unshared first one in
+    place (``InputBuffer::accumulate``); under any TorchDispatchMode (memory trackers,
+    FakeTensorMode) ``at::isTensorSubclassLike`` is true and every sum is out of place.
     """
 
     dropout_mask_bytes: int | None = BOOL
     param_grads_temporary: bool = False
+    inplace_accumulation: bool = True
     saved: dict[int, int] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
     pinned: set[int] = field(default_factory=set)
     deferred: dict[int, dict[int, int]] = field(default_factory=dict)
     group: int | None = None
+    live: dict[int, int] = field(default_factory=dict)
+    forward_peak: Moment = field(default_factory=Moment)
     _ids: itertools.count = field(default_factory=itertools.count)
     _hold: list[Sym] = field(default_factory=list)
+    _union: int = 0
 
     # ---- building ----------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, rg: bool) -> Sym:
@@ -109,7 +116,35 @@ class Tape:
     def pin(self, t: Sym) -> None:
         """A storage that lives through the whole step (the batch), counted as saved."""
         self.pinned.add(t.storage)
+        self._keep(t)
+
+    # ---- forward liveness: storages alive as the model's Python references keep them -------
+    def _keep(self, t: Sym) -> None:
+        """Count ``t``'s storage as saved for backward."""
+        if t.storage not in self.saved and t.storage not in self.live:
+            self._union += t.held
         self.saved[t.storage] = t.held
+        self._check()
+
+    def alloc(self, t: Sym) -> Sym:
+        """``t`` is made now and referenced by the forward (a fresh storage, or a view)."""
+        if t.storage not in self.live:
+            if t.storage not in self.saved:
+                self._union += t.held
+            self.live[t.storage] = t.held
+            self._check()
+        return t
+
+    def free(self, *ts: Sym) -> None:
+        """The forward drops its references to these (saved storages stay, as saved)."""
+        for t in ts:
+            if self.live.pop(t.storage, None) is not None and t.storage not in self.saved:
+                self._union -= t.held
+
+    def _check(self) -> None:
+        if self._union > self.forward_peak.total:
+            kept = sum(self.saved.values())
+            self.forward_peak = Moment(kept, 0, self._union - kept)
 
     def begin_group(self, group: int, inputs: list[Sym]) -> None:
         """Start a checkpointed block: only ``inputs`` are kept, by its first node."""
@@ -117,7 +152,7 @@ class Tape:
         self.deferred[group] = {}
         self._hold = [t for t in inputs]
         for t in inputs:
-            self.saved[t.storage] = t.held
+            self._keep(t)
 
     def end_group(self) -> None:
         """End the checkpointed block."""
@@ -131,9 +166,13 @@ class Tape:
         """Record an op: save ``saves``; add a node when the output requires grad."""
         inputs = [(t, g) for t, g in inputs if t.rg]
         saves = list(saves)
-        target = self.saved if self.group is None else self.deferred[self.group]
+        for t in outputs or [out]:
+            self.alloc(t)
         for t in saves:
-            target[t.storage] = t.held
+            if self.group is None:
+                self._keep(t)
+            else:
+                self.deferred[self.group][t.storage] = t.held
         if out.rg:
             saved = saves
             if self._hold and self.group is not None:
@@ -196,8 +235,8 @@ class Tape:
             grad_p = node.param_grad
             if node.tied and not tied_pending:  # the head: held in the input buffer
                 tied_pending, grad_p = grad_p, 0
-            elif node.tied:  # the embedding: its gradient and the sum, out of place
-                check(node.scratch + 2 * grad_p)
+            elif node.tied:  # the embedding: its gradient, added into the head's
+                check(node.scratch + grad_p * (1 if self.inplace_accumulation else 2))
                 tied_pending = 0
             params += grad_p
             check(node.scratch + (len(incoming) < len(node.outputs)) * missing)
@@ -213,7 +252,7 @@ class Tape:
                 old = buffers.get(id(t))
                 if old is None:
                     buffers[id(t)] = g
-                elif old.refs == 1 or g.refs == 1:  # InputBuffer: in place into an unshared one
+                elif self.inplace_accumulation and (old.refs == 1 or g.refs == 1):
                     keep, drop = (old, g) if old.refs == 1 else (g, old)
                     buffers[id(t)] = keep
                     release(drop)

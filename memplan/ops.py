@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from memplan.autograd import ALIAS, FP32, Sym, Tape
 
+
 def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg: bool = False,
            lora_rank: int = 0, lora_cast: bool = False, in_features: int = 0,
            tied: bool = False) -> Sym:
@@ -33,8 +34,11 @@ def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg:
     saves_b = [a] + ([tape.new(lora_rank * out_features, x.itemsize, True)] if lora_cast else [])
     bo = tape.op(tape.new(tokens * out_features, x.itemsize, True), [(a, a.nbytes)], saves_b,
                  param_grad=4 * lora_rank * out_features)
+    tape.free(a, *saves_a[1:], *saves_b[1:])
     scaled = tape.op(tape.new(bo.numel, x.itemsize, True), [(bo, bo.nbytes)])
-    return add(tape, base, scaled)
+    out = add(tape, base, scaled)  # ``out + adapted * s``: base and B's output are locals
+    tape.free(base, bo, scaled)
+    return out
 
 
 def add(tape: Tape, a: Sym, b: Sym) -> Sym:
@@ -86,11 +90,16 @@ def rmsnorm(tape: Tape, x: Sym, tokens: int, hidden: int, w_rg: bool) -> Sym:
     x32 = cast(tape, x, FP32)
     sq = unary(tape, x32, scratch=2 * x32.nbytes)  # pow(2): grad 2·x·g, two temporaries
     var = unary(tape, sq, saves_input=False, numel=tokens)  # mean
+    tape.free(sq)
     var_eps = tape.op(tape.new(tokens, FP32, var.rg), [(var, ALIAS)])
     r = tape.new(tokens, FP32, var_eps.rg)
     tape.op(r, [(var_eps, var_eps.nbytes)], [r] if r.rg else [])  # rsqrt saves its result
     xhat = mul(tape, x32, r)
-    return scale(tape, cast(tape, xhat, x.itemsize), w_rg, hidden)
+    tape.free(var_eps, r, *([x32] if x32 is not x else []))
+    low = cast(tape, xhat, x.itemsize)
+    out = scale(tape, low, w_rg, hidden)
+    tape.free(var, xhat, low)
+    return out
 
 
 def layernorm(tape: Tape, x: Sym, tokens: int, hidden: int, w_rg: bool) -> Sym:
@@ -100,19 +109,17 @@ def layernorm(tape: Tape, x: Sym, tokens: int, hidden: int, w_rg: bool) -> Sym:
     return tape.op(out, [(x, x.nbytes)], saves, param_grad=2 * 4 * hidden * w_rg)
 
 
-def cross_entropy(tape: Tape, logits: Sym, tokens: int, vocab: int, target: Sym | None
-                  ) -> tuple[Sym, int]:
+def cross_entropy(tape: Tape, logits: Sym, tokens: int, vocab: int, target: Sym | None) -> Sym:
     """``cross_entropy(logits.float())``: log_softmax saves its fp32 output, nll_loss the
-    target and a scalar weight. Returns the loss and the bytes alive at the forward's peak
-    beyond saved ones (the logits and their fp32 copy, while log_softmax runs)."""
+    target and a scalar weight."""
     x32 = cast(tape, logits, FP32)
     logp = tape.new(tokens * vocab, FP32, x32.rg)
     tape.op(logp, [(x32, x32.nbytes)], [logp] if logp.rg else [])  # keeps its output
     weight = tape.new(1, FP32, False)
     loss = tape.new(1, FP32, logp.rg)
     tape.op(loss, [(logp, logp.nbytes)], [weight] + ([target] if target else []))
-    copy = x32.nbytes if x32 is not logits else 0
-    return loss, logits.nbytes + copy
+    tape.free(logp, *([x32] if x32 is not logits else []))
+    return loss
 
 
 def embedding(tape: Tape, ids: Sym, tokens: int, rows: int, hidden: int, d: int, w_rg: bool,

@@ -3,8 +3,9 @@
 A training step is a timeline. The plan evaluates the memory at each moment where a peak can
 occur and reports the largest:
 
-- ``forward_end``: weights, optimizer states, persistent gradient buffers, every activation
-  saved for backward and the loss temporaries (logits and log-probabilities);
+- ``forward``: the largest moment of the forward pass: weights, optimizer states,
+  persistent gradient buffers, the activations saved so far and the values the forward
+  still references (at the loss: the logits and log-probabilities);
 - ``backward``: the largest moment of the backward pass, walked node by node on the symbolic
   autograd of :mod:`memplan.autograd` (saved tensors freed as their nodes run, gradients
   made and accumulated);
@@ -67,12 +68,17 @@ def _phase(**parts: int) -> dict[str, int]:
     return {name: int(parts.get(name, 0)) for name in COMPONENTS}
 
 
+RUNTIMES = ("cuda", "cpu", "fake")
+
+
 def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
-         kernels: str = "cuda") -> Breakdown:
+         runtime: str = "cuda") -> Breakdown:
     """Plan the peak memory per GPU of one training step of ``train`` on ``spec``.
 
-    ``params`` overrides N in the model states (``estimate --params``). ``kernels`` is
-    ``cuda`` or ``cpu``: where they differ in what they keep (dropout masks), which to plan.
+    ``params`` overrides N in the model states (``estimate --params``). ``runtime`` is where
+    the step runs: ``cuda`` (a real run, the default) or ``cpu``/``fake`` (measured by
+    memplan's tracker, where two things differ: CPU dropout masks have the input's dtype, and
+    with a TorchDispatchMode active autograd sums gradients out of place).
     """
     state = model_state(spec, train, params)
     states = {"weights": state.weights_bytes + P.buffer_bytes(spec),
@@ -88,11 +94,10 @@ def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
     phases = {"step": _phase(**states, gradients=state.gradients_bytes, temporaries=step_tmp)}
     notes: list[str] = []
     if train.has_activations:
-        mask = 1 if kernels == "cuda" else None  # bool masks on CUDA
-        act = A.plan_activations(spec, train, state, dropout_mask_bytes=mask)
-        phases["forward_end"] = _phase(**states, gradients=persistent_grads,
-                                       activations=act.saved_bytes,
-                                       temporaries=act.loss_forward_bytes)
+        act = A.plan_activations(spec, train, state, runtime)
+        phases["forward"] = _phase(**states, gradients=persistent_grads,
+                                   activations=act.forward.activations,
+                                   temporaries=act.forward.temporaries)
         moment = act.backward
         phases["backward"] = _phase(**states, gradients=persistent_grads + moment.gradients,
                                     activations=moment.activations,

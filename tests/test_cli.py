@@ -118,7 +118,7 @@ def test_estimate_model_with_batch_and_seq_has_activations() -> None:
     assert data["params"] == 6_738_415_616
     lora = data["regimes"]["lora"]
     assert lora["activations_included"] is True
-    assert lora["phases"]["forward_end"]["activations"] > 0
+    assert lora["phases"]["forward"]["activations"] > 0
     assert lora["total_bytes"] > lora["model_state_bytes"]
     assert data["train"]["batch"] == 2 and data["train"]["seq"] == 512
 

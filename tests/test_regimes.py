@@ -319,7 +319,7 @@ def test_components_sum_to_total_and_are_non_negative(name: str, kw: dict) -> No
         assert b.total_bytes >= b.model_state_bytes > 0
         assert b.activations_included == ("batch" in kw)
         if "batch" in kw and regime != "classifier":
-            assert b.phases["forward_end"]["activations"] > 0
+            assert b.phases["forward"]["activations"] > 0
 
 
 @pytest.mark.parametrize("regime", ["full", "lora", "mixed", "input-adapter", "classifier",
@@ -369,7 +369,7 @@ def test_checkpointing_lowers_activations(name: str, regime: str) -> None:
     train = TrainSpec(regime=regime, batch=2, seq=128)
     plain = plan(spec, train)
     ckpt = plan(spec, replace(train, checkpointing=True))
-    assert ckpt.phases["forward_end"]["activations"] < plain.phases["forward_end"]["activations"]
+    assert ckpt.phases["forward"]["activations"] < plain.phases["forward"]["activations"]
     assert ckpt.total_bytes <= plain.total_bytes
     assert ckpt.model_state_bytes == plain.model_state_bytes
 
@@ -382,10 +382,10 @@ def test_eager_at_least_sdpa(name: str, regime: str) -> None:
     sdpa = plan(spec, train)
     eager = plan(spec, replace(train, attention="eager"))
     assert eager.total_bytes >= sdpa.total_bytes
-    assert eager.phases["forward_end"]["activations"] >= sdpa.phases["forward_end"]["activations"]
+    assert eager.phases["forward"]["activations"] >= sdpa.phases["forward"]["activations"]
     if regime != "classifier":  # eager keeps the s² scores
-        assert eager.phases["forward_end"]["activations"] > \
-            sdpa.phases["forward_end"]["activations"] + 2 * spec.num_heads * 256 * 256
+        assert eager.phases["forward"]["activations"] > \
+            sdpa.phases["forward"]["activations"] + 2 * spec.num_heads * 256 * 256
 
 
 def _trainable_fp32_bytes(spec, train) -> int:

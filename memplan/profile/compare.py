@@ -48,7 +48,7 @@ def profile(spec: ModelSpec, train: TrainSpec, device: str = "auto", steps: int 
             capacity_bytes: int | None = None) -> ProfileResult:
     """Plan ``train`` on ``spec``, run it on ``device``, and hold the two side by side."""
     device = resolve_device(device)
-    # Dropout masks: the CUDA kernel keeps a bool mask, the CPU kernel one in the input dtype.
-    predicted = plan(spec, train, kernels="cuda" if device == "cuda" else "cpu")
+    # The plan of the run as it is measured: see memplan.planner.plan's ``runtime``.
+    predicted = plan(spec, train, runtime=device)
     measured = measure(spec, train, device=device, steps=steps, capacity_bytes=capacity_bytes)
     return ProfileResult(spec, train, predicted, measured)

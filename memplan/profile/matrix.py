@@ -1,10 +1,14 @@
 """The validation matrices: which jobs `memplan validate` profiles against their plans.
 
-Rows are data (model, and the TrainSpec fields that differ from the defaults), chosen to cover
+Rows are data (model, the TrainSpec fields that differ from the defaults, and optionally
+ModelSpec fields to change), chosen to cover
 issue 5's matrix: both reference architectures; every regime the profiler runs (full, mixed,
 lora on all/mlp/attention/named targets, lora on a bf16 base, classifier, input-adapter,
 prompt-tuning, bitfit); ranks 1 to 64; batch 1 to 8; seq 32 to 512; checkpointing on and off;
-sdpa and eager; fused, foreach and for-loop optimizers; AdamW, SGD with momentum.
+sdpa and eager; fused, foreach and for-loop optimizers; AdamW, SGD with momentum. The
+``stress`` rows shrink the vocabulary so that the peak moves from the loss into a block's
+backward (eager scores at long sequences, checkpoint recomputation), and add a Qwen2-style
+shape (q/k/v biases, grouped-query attention, tied embeddings) and dropout.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import replace
 
 from memplan.spec import LoraSpec, TrainSpec
 
-Row = tuple[str, dict]
+Row = tuple  # (model, TrainSpec fields) or (model, TrainSpec fields, ModelSpec fields)
 
 
 def _both(rows: list[dict]) -> list[Row]:
@@ -47,7 +51,23 @@ CPU_MATRIX: list[Row] = _both([
                        optimizer_impl="forloop")),
 ]
 
-QUICK_MATRIX: list[Row] = [CPU_MATRIX[i] for i in (0, 1, 14, 16, 17, 29, 30, 33)]
+SMALL_VOCAB = {"vocab_size": 256}
+QWEN_LIKE = {"model_type": "qwen2", "qkv_bias": True, "num_kv_heads": 2, "tie_embeddings": True,
+             "vocab_size": 3000}
+CPU_MATRIX += [(m, kw, SMALL_VOCAB) for m in ("llama-tiny", "gpt2-tiny") for kw in (
+    dict(regime="full", batch=2, seq=512, attention="eager"),
+    dict(regime="lora", batch=2, seq=512),
+    dict(regime="full", batch=2, seq=512, checkpointing=True),
+    dict(regime="lora", batch=2, seq=512, checkpointing=True, attention="eager"),
+)] + [
+    ("llama-tiny", dict(regime="full", batch=2, seq=128), QWEN_LIKE),
+    ("llama-tiny", dict(regime="lora", batch=4, seq=64, attention="eager"), QWEN_LIKE),
+    ("llama-tiny", dict(regime="mixed", batch=2, seq=64, checkpointing=True), QWEN_LIKE),
+    ("gpt2-tiny", dict(regime="lora", batch=2, seq=128, attention="eager"), {"dropout": 0.1}),
+    ("gpt2-tiny", dict(regime="full", batch=2, seq=128, attention="eager"), {"dropout": 0.1}),
+]
+
+QUICK_MATRIX: list[Row] = [CPU_MATRIX[i] for i in (0, 1, 14, 16, 17, 29, 30, 33, 39)]
 
 # Fake mode: 7B-class presets at batch 1 to 4 and seq 512 to 4096 (issue 5), bf16 bases.
 FAKE_MATRIX: list[Row] = [

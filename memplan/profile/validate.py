@@ -36,17 +36,20 @@ def _options(kw: dict) -> str:
     return " ".join(parts)
 
 
-def run_row(model: str, kw: dict, device: str, steps: int = 2) -> dict:
+def run_row(model: str, kw: dict, device: str, steps: int = 2,
+            changes: dict | None = None) -> dict:
     """Profile one row; returns its JSON record."""
     import dataclasses
 
     from memplan.profile.compare import profile
 
-    # Fine-tuning runs here without dropout (as LoRA recipes for Llama do): the CPU and CUDA
-    # kernels keep different masks, and the plan of either is checked by the unit tests.
-    spec = dataclasses.replace(get_model(model), dropout=0.0)
+    # Rows run without dropout unless they ask for it (``changes``): the presets' configs
+    # carry GPT-2's pre-training dropout, and fine-tuning recipes usually switch it off.
+    spec = dataclasses.replace(get_model(model), **({"dropout": 0.0} | (changes or {})))
     result = profile(spec, train_of(kw), device=device, steps=steps)
-    return {"model": model, "regime": kw["regime"], "options": _options(kw),
+    label = model + "".join(f" {k}={v}" for k, v in (changes or {}).items()
+                            if k != "model_type") if changes else model
+    return {"model": label, "regime": kw["regime"], "options": _options(kw),
             "predicted_bytes": result.predicted.total_bytes,
             "measured_bytes": result.measured.peak_bytes,
             "relative_error": result.relative_error,
@@ -141,8 +144,8 @@ def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
     start = time.perf_counter()
     complete = False
     try:
-        for i, (model, kw) in enumerate(matrix):
-            record = run_row(model, kw, device)
+        for i, (model, kw, *changes) in enumerate(matrix):
+            record = run_row(model, kw, device, changes=changes[0] if changes else None)
             done.append(record)
             with partial.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
