@@ -77,6 +77,11 @@ FAKE_MATRIX: list[Row] = [
         dict(regime="lora-bf16", batch=4, seq=4096, checkpointing=True),
         dict(regime="lora", batch=1, seq=1024, lora=LoraSpec(rank=16, targets="q_proj,v_proj")),
     )
+] + [
+    ("llama-2-7b", dict(regime="full", batch=1, seq=512)),
+    ("mistral-7b", dict(regime="mixed", batch=1, seq=1024)),
+    ("llama-3-8b", dict(regime="lora", batch=2, seq=2048, attention="eager")),
+    ("llama-2-7b", dict(regime="classifier", batch=4, seq=1024)),
 ]
 QUICK_FAKE: list[Row] = FAKE_MATRIX[:2]
 

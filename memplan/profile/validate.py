@@ -117,13 +117,14 @@ def markdown(doc: dict) -> str:
     for key, value in meta.get("extra", {}).items():
         lines.append(f"- {key}: {value}")
     lines += ["", f"![predicted vs measured](validation-{doc['device']}.png)", "",
-              "| model | regime | options | predicted | measured | error | peak at |",
-              "|---|---|---|---:|---:|---:|---|"]
+              "| model | regime | options | predicted | measured | error | peak at | time |",
+              "|---|---|---|---:|---:|---:|---|---:|"]
     for r in doc["rows"]:
         err = r["relative_error"]
         lines.append(f"| {r['model']} | {r['regime']} | {r['options']} | "
                      f"{format_bytes(r['predicted_bytes'])} | {format_bytes(r['measured_bytes'])}"
-                     f" | {'n/a' if err is None else f'{100 * err:+.3f}%'} | {r['peak_phase']} |")
+                     f" | {'n/a' if err is None else f'{100 * err:+.3f}%'} | {r['peak_phase']} | "
+                     f"{r['wall_seconds']:.1f} s |")
     return "\n".join(lines) + "\n"
 
 
