@@ -46,6 +46,12 @@ class _Job:
     full: bool
     bitfit: bool
     targeted: set[str]
+    mask: Sym | None = None  # Hugging Face's eager path: one additive float mask per forward
+
+    @property
+    def hf(self) -> bool:
+        """Hugging Face's model code (``--impl hf``) rather than memplan's reference models."""
+        return self.train.impl == "hf"
 
     @property
     def tokens(self) -> int:
@@ -107,6 +113,11 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
         held = [positions]
     rope = _rope_tables(tape, job) if spec.family == "llama" else []
     held += rope
+    if job.hf:  # cache_position / position_ids, and the eager path's (B, 1, s, s) float mask
+        held.append(tape.alloc(tape.new(job.s, INT64, False)))
+        if train.attention == "eager":
+            job.mask = tape.alloc(tape.new(b * job.s * job.s, d, False))
+            held.append(job.mask)
 
     ckpt = train.checkpointing
     for i in range(spec.num_layers):
@@ -124,7 +135,15 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     tape.free(x, *held)
     logits = ops.linear(tape, hidden, v, tokens, w_rg=embed_rg, tied=tied)
     tape.free(hidden)
-    loss = ops.cross_entropy(tape, logits, tokens, v, target)
+    padded = None
+    if job.hf:  # ForCausalLMLoss: logits.float(), pad labels by one, shift_labels contiguous
+        x32 = ops.cast(tape, logits, FP32)
+        padded = tape.alloc(tape.new(b * (train.seq + 1), INT64, False))
+        target = tape.alloc(tape.new(tokens, INT64, False))
+        loss = ops.cross_entropy(tape, x32, tokens, v, target)
+        tape.free(padded, target, *([x32] if x32 is not logits else []))
+    else:
+        loss = ops.cross_entropy(tape, logits, tokens, v, target)
     tape.free(logits)
     notes = ("checkpointing: each block is recomputed in backward",) if ckpt else ()
     return ActivationPlan(tape.forward_peak, tape.backward(loss), notes)
@@ -157,7 +176,8 @@ def _block(tape: Tape, job: _Job, x: Sym, rope: list[Sym]) -> Sym:
         rank = train.lora.rank if layer.name in job.targeted else 0
         return ops.linear(tape, inp, layer.out_features, tokens, w_rg=job.full,
                           b_rg=(job.full or job.bitfit) and layer.bias, lora_rank=rank,
-                          lora_cast=cast, in_features=layer.in_features)
+                          lora_cast=cast, in_features=layer.in_features,
+                          peft=train.lora_backend == "peft")
 
     h = spec.hidden_size
     if spec.family == "gpt2":
@@ -173,7 +193,8 @@ def _block(tape: Tape, job: _Job, x: Sym, rope: list[Sym]) -> Sym:
         tape.free(proj)
         y2 = ops.layernorm(tape, x2, tokens, h, job.full or job.bitfit)
         f = linear(y2, "mlp.c_fc")
-        u = ops.unary(tape, f)  # GELU keeps its input
+        u = _gelu_new(tape, f) if job.hf and spec.activation == "gelu_new" else \
+            ops.unary(tape, f)  # GELU keeps its input
         tape.free(f)
         m = _dropout(tape, linear(u, "mlp.c_proj"), spec.dropout)
         tape.free(u, y2)
@@ -207,6 +228,28 @@ def _block(tape: Tape, job: _Job, x: Sym, rope: list[Sym]) -> Sym:
     tape.free(u, y2)
     out = ops.add(tape, x2, dn)
     tape.free(dn, x2)
+    return out
+
+
+def _gelu_new(tape: Tape, x: Sym) -> Sym:
+    """Hugging Face's NewGELUActivation, op by op:
+    ``0.5 * x * (1.0 + tanh(sqrt(2/pi) * (x + 0.044715 * x.pow(3))))``. It keeps x, tanh's
+    output, 0.5·x and 1 + tanh: four tensors where ``F.gelu(approximate="tanh")`` keeps one."""
+    half = ops.unary(tape, x, saves_input=False)  # 0.5 * x
+    cube = ops.unary(tape, x, scratch=2 * x.nbytes)  # pow(x, 3) keeps x
+    small = ops.unary(tape, cube, saves_input=False)
+    tape.free(cube)
+    inner = ops.add(tape, x, small)
+    tape.free(small)
+    scaled = ops.unary(tape, inner, saves_input=False)
+    tape.free(inner)
+    th = tape.new(x.numel, x.itemsize, x.rg)
+    tape.op(th, [(scaled, scaled.nbytes)], [th] if th.rg else [])  # tanh keeps its output
+    tape.free(scaled)
+    one_plus = tape.op(tape.new(x.numel, x.itemsize, x.rg), [(th, ALIAS)])
+    tape.free(th)
+    out = ops.mul(tape, half, one_plus)
+    tape.free(half, one_plus)
     return out
 
 
@@ -285,12 +328,17 @@ def _attention(tape: Tape, job: _Job, q: Sym, k: Sym, v: Sym, fused: bool) -> Sy
     tape.free(*(t for t in (q_r, k_r) if t not in (q, k)))
     scaled = ops.unary(tape, scores, saves_input=False)
     tape.free(scores)
-    mask = tape.alloc(tape.new(s * s, 1, False))  # the causal mask, made per call
-    masked = tape.new(n_scores, d, rg)
-    tape.op(masked, [(scaled, scaled.nbytes)], [mask] if rg else [])
+    if job.mask is not None:  # Hugging Face: scores + the model's additive float mask
+        mask = None
+        masked = ops.add(tape, scaled, job.mask)
+    else:  # memplan: masked_fill with a bool mask made per call, kept for backward
+        mask = tape.alloc(tape.new(s * s, 1, False))
+        masked = tape.new(n_scores, d, rg)
+        tape.op(masked, [(scaled, scaled.nbytes)], [mask] if rg else [])
     tape.free(scaled)
-    x32 = ops.cast(tape, masked, FP32)
-    probs32 = tape.new(n_scores, FP32, rg)
+    # softmax in fp32 (Llama; GPT-2 in Hugging Face's code: in the scores' dtype)
+    x32 = masked if job.hf and spec.family == "gpt2" else ops.cast(tape, masked, FP32)
+    probs32 = tape.new(n_scores, x32.itemsize, rg)
     tape.op(probs32, [(x32, x32.nbytes)], [probs32] if rg else [])  # softmax keeps its output
     if x32 is not masked:
         tape.free(x32)
@@ -305,7 +353,7 @@ def _attention(tape: Tape, job: _Job, q: Sym, k: Sym, v: Sym, fused: bool) -> Sy
     out = tape.new(tokens * nh * hd, d, rg)
     tape.op(out, [(dropped, dropped.nbytes), (v_r, v_r.nbytes)],
             ([v_r] if dropped.rg else []) + ([dropped] if v_r.rg else []))
-    tape.free(*(t for t in (v_r,) if t is not v), masked, mask, dropped)
+    tape.free(*(t for t in (v_r, mask) if t is not v and t is not None), masked, dropped)
     if gqa and not fused:
         tape.free(k, v)
     flat = copy(out, out.numel, False)  # transpose(1, 2).reshape copies

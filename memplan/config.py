@@ -155,3 +155,25 @@ def load_config(path: str | Path) -> ModelSpec:
 
 def _reject_constant(token: str) -> float:
     raise ConfigError(f"config holds {token}, which is not a valid size")
+
+
+def hf_config(spec: ModelSpec) -> dict[str, Any]:
+    """The Hugging Face config of a ModelSpec (the inverse of :func:`spec_from_config`)."""
+    model_type = spec.model_type if spec.model_type in SUPPORTED_TYPES else (
+        "gpt2" if spec.family == "gpt2" else "llama")
+    if model_type == "gpt2":
+        return {"model_type": "gpt2", "vocab_size": spec.vocab_size, "n_embd": spec.hidden_size,
+                "n_layer": spec.num_layers, "n_head": spec.num_heads,
+                "n_inner": spec.intermediate_size, "n_positions": spec.max_positions,
+                "activation_function": spec.activation,
+                "resid_pdrop": spec.dropout, "embd_pdrop": spec.dropout,
+                "attn_pdrop": spec.dropout, "tie_word_embeddings": spec.tie_embeddings}
+    cfg = {"model_type": model_type, "vocab_size": spec.vocab_size,
+           "hidden_size": spec.hidden_size, "num_hidden_layers": spec.num_layers,
+           "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+           "head_dim": spec.head_dim, "intermediate_size": spec.intermediate_size,
+           "hidden_act": spec.activation, "max_position_embeddings": spec.max_positions,
+           "attention_dropout": spec.dropout, "tie_word_embeddings": spec.tie_embeddings}
+    if model_type == "llama":
+        cfg |= {"attention_bias": spec.qkv_bias, "mlp_bias": spec.mlp_bias}
+    return cfg

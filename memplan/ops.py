@@ -14,11 +14,13 @@ from memplan.autograd import ALIAS, FP32, Sym, Tape
 
 def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg: bool = False,
            lora_rank: int = 0, lora_cast: bool = False, in_features: int = 0,
-           tied: bool = False) -> Sym:
+           tied: bool = False, peft: bool = False) -> Sym:
     """``x W^T + b`` (grad_W needs x), plus LoRA's ``s·B(A(x))`` when ranked.
 
-    LoRA's branch: A's and B's weights train, so x and A's rank-R output are kept; a bf16 base
-    casts A and B per forward (kept when the other operand needs a gradient).
+    LoRA's branch: A's and B's weights train, so x and A's rank-R output are kept. On a bf16
+    base memplan's LoRALinear casts A and B down per forward (kept when the other operand needs
+    a gradient); PEFT (``peft``) casts x up to its fp32 adapters instead, adds in fp32 and
+    casts the sum back.
     """
     in_features = in_features or x.numel // tokens
     base = tape.new(tokens * out_features, x.itemsize, x.rg or w_rg or b_rg)
@@ -27,6 +29,8 @@ def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg:
             tied=tied)
     if not lora_rank:
         return base
+    if peft:
+        return _peft_lora(tape, x, base, lora_rank, in_features, out_features, tokens)
     saves_a = [x] + ([tape.new(lora_rank * in_features, x.itemsize, True)]
                      if lora_cast and x.rg else [])
     a = tape.op(tape.new(tokens * lora_rank, x.itemsize, True), [(x, x.nbytes)], saves_a,
@@ -42,10 +46,32 @@ def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg:
 
 
 def add(tape: Tape, a: Sym, b: Sym) -> Sym:
-    """Elementwise sum: saves nothing; its gradient passes through to both inputs."""
-    out = tape.new(max(a.numel, b.numel), a.itemsize, a.rg or b.rg)
-    return tape.op(out, [(a, ALIAS if a.numel == out.numel else a.nbytes),
-                         (b, ALIAS if b.numel == out.numel else b.nbytes)])
+    """Elementwise sum: saves nothing; its gradient passes through to both inputs (cast or
+    summed down for an input of another dtype or a broadcast one)."""
+    out = tape.new(max(a.numel, b.numel), max(a.itemsize, b.itemsize), a.rg or b.rg)
+    return tape.op(out, [(t, ALIAS if t.numel == out.numel and t.itemsize == out.itemsize
+                          else t.nbytes) for t in (a, b)])
+
+
+def _peft_lora(tape: Tape, x: Sym, base: Sym, rank: int, in_features: int, out_features: int,
+               tokens: int) -> Sym:
+    """PEFT's ``result + lora_B(lora_A(x.to(fp32))) * scaling``, then ``.to(result.dtype)``."""
+    xa = cast(tape, x, FP32)
+    a = tape.op(tape.new(tokens * rank, FP32, True), [(xa, xa.nbytes)], [xa],
+                param_grad=4 * rank * in_features)
+    bo = tape.op(tape.new(tokens * out_features, FP32, True), [(a, a.nbytes)], [a],
+                 param_grad=4 * rank * out_features)
+    tape.free(a)
+    scaled = tape.op(tape.new(bo.numel, FP32, True), [(bo, bo.nbytes)])
+    tape.free(bo)
+    summed = add(tape, base, scaled)
+    tape.free(base, scaled)
+    out = cast(tape, summed, base.itemsize)
+    if out is not summed:
+        tape.free(summed)
+    if xa is not x:
+        tape.free(xa)
+    return out
 
 
 def mul(tape: Tape, a: Sym, b: Sym) -> Sym:

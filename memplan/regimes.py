@@ -111,11 +111,22 @@ def trainable_count(spec: ModelSpec, train: TrainSpec, params: int | None = None
     raise MemplanError(f"unknown regime {regime!r}")
 
 
+def check_job(spec: ModelSpec, train: TrainSpec) -> None:
+    """Refuse combinations that no implementation runs (one clear line each)."""
+    if train.lora_backend == "peft" and train.impl != "hf":
+        raise MemplanError("--lora-backend peft wraps Hugging Face models; add --impl hf")
+    if (train.impl == "hf" and spec.family == "gpt2" and train.lora_backend == "memplan"
+            and train.regime in ("lora", "lora-bf16", "qlora")):
+        raise MemplanError("Hugging Face GPT-2 uses Conv1D layers, which memplan's LoRALinear "
+                           "does not wrap; use --lora-backend peft")
+
+
 def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) -> ModelState:
     """The model-state bytes of ``train.regime`` on ``spec``, per GPU.
 
     ``params`` overrides N (``estimate --params``); the shape still gives M, C, E and B.
     """
+    check_job(spec, train)
     n = params or P.count_params(spec)
     trainable, new, sym = trainable_count(spec, train, n)
     gpus = train.gpus

@@ -18,6 +18,8 @@ NOTES_REGIMES = REGIMES[:6]
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
 OPTIMIZER_IMPLS = ("fused", "foreach", "forloop")
 ATTENTIONS = ("sdpa", "eager", "flash")
+IMPLS = ("memplan", "hf")          # whose model code runs: memplan's reference models or HF's
+LORA_BACKENDS = ("memplan", "peft")
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,14 @@ class TrainSpec:
     optimizer_impl: str = "fused"
     checkpointing: bool = False
     attention: str = "sdpa"
+    impl: str = "memplan"
+    lora_backend: str = "memplan"
 
     def __post_init__(self) -> None:
         checks = (
             ("regime", self.regime, REGIMES),
+            ("implementation", self.impl, IMPLS),
+            ("LoRA backend", self.lora_backend, LORA_BACKENDS),
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS),
             ("attention", self.attention, ATTENTIONS),

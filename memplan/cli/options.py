@@ -86,18 +86,31 @@ def make_job(params: str | None, model: str | None, config: Path | None, *, regi
              attention: str = "sdpa") -> Job:
     """Validate the options and build the job (every bad value raises MemplanError)."""
     spec, n, assumed = resolve_model(params, model, config)
+    train = make_train(regime=regime, rank=rank, alpha=alpha, targets=targets,
+                       train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
+                       classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
+                       optimizer_impl=optimizer_impl, checkpointing=checkpointing,
+                       attention=attention)
+    if seq is not None and spec.learned_positions and seq > spec.max_positions:
+        raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
+                           f"{spec.name}; use --seq {spec.max_positions} or less")
+    return Job(spec, train, n, assumed)
+
+
+def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targets: str = "all",
+               train_embeddings: bool = False, batch: int | None = None, seq: int | None = None,
+               gpus: int = 1, classes: int = 2, prompt_tokens: int = 20,
+               optimizer: str = "adamw", optimizer_impl: str = "fused",
+               checkpointing: bool = False, attention: str = "sdpa") -> TrainSpec:
+    """The TrainSpec of the job options alone, for commands where the model is optional."""
     if isinstance(gpus, int) and gpus < 1:
         raise MemplanError(f"--gpus must be at least 1, got {gpus}")
-    train = TrainSpec(
+    return TrainSpec(
         regime=regime, batch=batch, seq=seq,
         lora=LoraSpec(rank=rank, alpha=alpha, targets=targets, train_embeddings=train_embeddings),
         num_classes=classes, prompt_tokens=prompt_tokens, gpus=gpus, optimizer=optimizer,
         optimizer_impl=optimizer_impl, checkpointing=checkpointing, attention=attention,
     )
-    if seq is not None and spec.learned_positions and seq > spec.max_positions:
-        raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
-                           f"{spec.name}; use --seq {spec.max_positions} or less")
-    return Job(spec, train, n, assumed)
 
 
 def parse_reserve(reserve: str | None) -> int:

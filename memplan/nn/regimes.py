@@ -229,19 +229,26 @@ def _cannot_run(regime: str) -> MemplanError:
 
 def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
             optimizer: str = "adamw", impl: str = "fused", lr: float = 1e-3,
-            num_classes: int = 2, prompt_tokens: int = 20) -> TrainingSetup:
+            num_classes: int = 2, prompt_tokens: int = 20,
+            lora_backend: str = "memplan",
+            shard: Callable[[nn.Module], None] | None = None) -> TrainingSetup:
     """Apply ``regime`` to ``model`` (in place) and build its optimizer and loss.
 
     Args:
         model: a :class:`~memplan.nn.models.CausalLM` with fp32 weights.
         regime: one of :data:`SUPPORTED_REGIMES`.
         lora: the LoRA adapters (``lora``, ``lora-bf16``); default ``LoraSpec()``.
+        lora_backend: ``memplan`` (LoRALinear) or ``peft`` (a Hugging Face model only).
         optimizer: ``adamw``, ``sgd`` or ``sgd-momentum``.
         impl: ``fused``, ``foreach`` or ``forloop`` (``torch.optim``); the ``mixed`` regime's
             optimizers always loop over parameters, so ``impl`` does not apply there.
         lr: learning rate.
         num_classes: classes of the ``classifier`` head.
         prompt_tokens: P of ``prompt-tuning``.
+        shard: called on the model once the regime has changed it (adapters added, weights
+            frozen) and before the optimizer is built, so that a sharding wrapper (FSDP2's
+            ``fully_shard``, see :mod:`memplan.profile.distributed`) replaces the parameters
+            the optimizer then sees.
 
     Raises:
         MemplanError: an unknown regime or optimizer, a regime the profiler cannot run here
@@ -265,9 +272,15 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
         spec = lora or LoraSpec()
         if regime == "lora-bf16":
             cast_floating(model, torch.bfloat16)  # the frozen base first; then fp32 adapters
-        apply_lora(model, spec.rank, spec.alpha, spec.targets,
-                   train_embeddings=spec.train_embeddings,
-                   adapter_dtype=torch.float32 if regime == "lora-bf16" else None)
+        if lora_backend == "peft":  # a Hugging Face model, wrapped by PEFT (fp32 adapters)
+            from memplan.nn.hf import apply_peft_lora
+
+            _freeze(model)
+            apply_peft_lora(model, spec)
+        else:
+            apply_lora(model, spec.rank, spec.alpha, spec.targets,
+                       train_embeddings=spec.train_embeddings,
+                       adapter_dtype=torch.float32 if regime == "lora-bf16" else None)
     elif regime == "classifier":
         extra, loss_fn = _classifier(model, num_classes)
     elif regime == "input-adapter":
@@ -283,6 +296,8 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
         for param in biases:
             param.requires_grad_(True)
 
+    if shard is not None:
+        shard(model)
     trainable = _trainable(model, extra)
     if regime == "mixed":
         opt: torch.optim.Optimizer = (

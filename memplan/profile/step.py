@@ -84,11 +84,17 @@ def measure(spec: ModelSpec, train: TrainSpec, device: str = "cpu", steps: int =
         fake_ctx = FakeTensorMode(allow_non_fake_inputs=False)
     torch_device = "cuda" if device == "cuda" else "cpu"
     with fake_ctx:
-        model = build_model(spec, device=torch_device, attention=train.attention,
-                            checkpointing=train.checkpointing)
+        if train.impl == "hf":
+            from memplan.nn.hf import build_hf_model
+
+            model = build_hf_model(spec, device=torch_device, attention=train.attention,
+                                   checkpointing=train.checkpointing)
+        else:
+            model = build_model(spec, device=torch_device, attention=train.attention,
+                                checkpointing=train.checkpointing)
         setup = prepare(model, train.regime, lora=train.lora, optimizer=train.optimizer,
                         impl=train.optimizer_impl, num_classes=train.num_classes,
-                        prompt_tokens=train.prompt_tokens)
+                        prompt_tokens=train.prompt_tokens, lora_backend=train.lora_backend)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         ids = torch.randint(spec.vocab_size, (train.batch, train.seq), generator=gen)
         labels = torch.randint(spec.vocab_size, (train.batch, train.seq), generator=gen)

@@ -343,10 +343,17 @@ class StorageTracker(TorchDispatchMode):
         tracker = self
 
         def resize_(st: torch.UntypedStorage, size: int) -> Any:
+            before = st.nbytes()
             out = orig(st, size)
             rec = tracker._live.get(id(st))
             if rec is not None and st.nbytes() != rec.nbytes:
                 tracker._resize(rec, st.nbytes())
+            elif (rec is None and before == 0 and st.nbytes() > 0
+                  and active_fake_mode() is tracker._fake_on_entry):
+                # An empty storage made before the tracker and refilled inside it (FSDP2
+                # frees its unsharded parameters with resize_(0) after each step and refills
+                # the same storages in the next one): its bytes are a new allocation.
+                tracker._add(st, None)
             return out
 
         torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]

@@ -1,0 +1,118 @@
+"""Hugging Face transformers models, built from a config (no download), for the profiler.
+
+``build_hf_model(spec)`` makes the transformers model of a ModelSpec (llama, mistral, qwen2,
+gpt2) and wraps it in :class:`HFCausalLM`, which speaks the interface of memplan's own
+CausalLM (``forward(input_ids, labels, inputs_embeds) -> loss``, ``hidden_states``,
+``embed``), so that :func:`memplan.nn.regimes.prepare` and the step driver run it unchanged.
+The loss is taken as Hugging Face's Trainer takes it: ``model(**batch).loss``, the output
+object (and the logits in it) dropped before backward. ``apply_peft_lora`` wraps the model
+with PEFT's LoRA instead of memplan's LoRALinear. Needs the ``[hf]`` extra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from memplan.config import hf_config
+from memplan.errors import MemplanError
+from memplan.params import check_rank
+from memplan.spec import LoraSpec, ModelSpec
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise MemplanError("--impl hf needs Hugging Face transformers: "
+                           "pip install 'memplan[hf]'") from None
+    return transformers
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind memplan's CausalLM interface.
+
+    Attributes:
+        hf: The transformers model (``LlamaForCausalLM``, ``GPT2LMHeadModel`` ...), or the
+            PEFT model wrapping it.
+        spec: The ModelSpec it was built from.
+    """
+
+    def __init__(self, hf: nn.Module, spec: ModelSpec) -> None:
+        super().__init__()
+        self.hf = hf
+        self.spec = spec
+
+    def _base(self) -> nn.Module:
+        model = self.hf
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _body(self) -> nn.Module:
+        base = self._base()
+        return base.transformer if self.spec.family == "gpt2" else base.model
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings (B, T, H)."""
+        return self._base().get_input_embeddings()(input_ids)
+
+    def hidden_states(self, input_ids: Tensor | None = None,
+                      inputs_embeds: Tensor | None = None) -> Tensor:
+        """The final-norm output (B, T, H) of the transformer body."""
+        out = self._body()(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        """The loss when labels are given (Hugging Face shifts them), else the logits."""
+        out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels,
+                      use_cache=False)
+        return out.logits if labels is None else out.loss
+
+
+def build_hf_model(spec: ModelSpec, device: str | torch.device | None = None,
+                   attention: str = "sdpa", checkpointing: bool = False) -> HFCausalLM:
+    """Build the transformers model of ``spec`` from its config, in fp32, in training mode.
+
+    Under an active ``FakeTensorMode`` the parameters are fake tensors.
+    """
+    transformers = _transformers()
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.for_model(**hf_config(spec), bos_token_id=None,
+                                               eos_token_id=None, pad_token_id=None)
+    config.use_cache = False
+    config._attn_implementation = attention
+    with torch.device(device or "cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
+                                                              attn_implementation=attention)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return HFCausalLM(model, spec)
+
+
+def apply_peft_lora(model: HFCausalLM, lora: LoraSpec, adapter_fp32: bool = True) -> list[str]:
+    """Wrap ``model.hf`` with PEFT's LoRA on the planner's targets; returns the wrapped names.
+
+    PEFT matches module names by suffix, so the targets are the planner's module names
+    (``all`` = every linear of a block). Adapters are kept in fp32 on a bf16 base
+    (``autocast_adapter_dtype``, PEFT's default).
+    """
+    try:
+        import peft
+    except ImportError:
+        raise MemplanError("--lora-backend peft needs PEFT: pip install 'memplan[hf]'") from None
+    layers = check_rank(model.spec, lora)
+    names = sorted({layer.short_name for layer in layers})
+    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=names,
+                             lora_dropout=0.0, bias="none",
+                             fan_in_fan_out=model.spec.family == "gpt2")
+    model.hf = peft.get_peft_model(model.hf, config, autocast_adapter_dtype=adapter_fp32)
+    if lora.train_embeddings:
+        base = model._base()
+        for module in (base.get_input_embeddings(), base.get_output_embeddings()):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return [n for n, m in model.hf.named_modules() if hasattr(m, "lora_A") and
+            any(n.endswith(t) for t in names)]
