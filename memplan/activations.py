@@ -46,7 +46,8 @@ class _Job:
     full: bool
     bitfit: bool
     targeted: set[str]
-    mask: Sym | None = None  # Hugging Face's eager path: one additive float mask per forward
+    runtime: str = "cuda"
+    mask: Sym | None = None  # Hugging Face's materialised attention mask, one per forward
 
     @property
     def hf(self) -> bool:
@@ -81,10 +82,9 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     lora = regime in LORA_REGIMES
     job = _Job(spec, train, train.batch, train.seq + prompt, state.compute_bytes,
                full=regime in FULL_REGIMES, bitfit=regime == "bitfit",
-               targeted={l.name for l in P.check_rank(spec, train.lora)} if lora else set())
+               targeted={l.name for l in P.check_rank(spec, train.lora)} if lora else set(),
+               runtime=runtime)
     b, h, v, d, tokens = job.b, spec.hidden_size, spec.vocab_size, job.d, job.tokens
-    if regime == "classifier":
-        return _classifier(tape, job)
 
     batch = tape.new(2 * b * train.seq, INT64, False)  # input ids and labels
     tape.pin(batch)
@@ -101,22 +101,31 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
         base, x = x, tape.op(tape.new(tokens * h, d, True), [], param_grad=4 * prompt * h)
         tape.free(base)
         target = tape.alloc(tape.new(tokens, INT64, False))
-    held = []  # hidden_states' locals: GPT-2's position ids, Llama's rotary tables
+    # Referenced for the whole forward: GPT-2's position ids, Llama's rotary tables, and the
+    # input embeddings when they come in as ``inputs_embeds`` (the adapters' regimes) or, in
+    # Hugging Face's models, as the body's ``inputs_embeds`` (and GPT-2's position_embeds).
+    held = [x] if job.hf or regime in ("input-adapter", "prompt-tuning") else []
     if spec.learned_positions:
         positions = tape.alloc(tape.new(job.s, INT64, False))
         pos = ops.embedding(tape, positions, job.s, spec.max_positions, h, d, job.full)
         summed = ops.add(tape, x, pos)
-        tape.free(x, pos)
+        if not held:
+            tape.free(x)
+        held = [*held, positions] + ([pos] if job.hf else [])
+        if not job.hf:
+            tape.free(pos)
         x = ops.dropout(tape, summed, spec.dropout)
         if x is not summed:
             tape.free(summed)
-        held = [positions]
     rope = _rope_tables(tape, job) if spec.family == "llama" else []
     held += rope
-    if job.hf:  # cache_position / position_ids, and the eager path's (B, 1, s, s) float mask
+    if job.hf:  # cache_position / position_ids, and a (B, 1, s, s) mask when materialised:
+        # always on the eager path; for sdpa only under FakeTensorMode, where transformers'
+        # _ignore_causal_mask_sdpa sees a fake cache_position as tracing and keeps the mask
         held.append(tape.alloc(tape.new(job.s, INT64, False)))
-        if train.attention == "eager":
-            job.mask = tape.alloc(tape.new(b * job.s * job.s, d, False))
+        if train.attention == "eager" or runtime == "fake":  # eager: float; sdpa: bool
+            itemsize = d if train.attention == "eager" else 1
+            job.mask = tape.alloc(tape.new(b * job.s * job.s, itemsize, False))
             held.append(job.mask)
 
     ckpt = train.checkpointing
@@ -124,7 +133,8 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
         if ckpt:  # non-reentrant checkpoint: keeps the block's inputs, recomputes the rest
             tape.begin_group(i, [x, *rope])
         x_in, x = x, _block(tape, job, x, rope)
-        tape.free(x_in)
+        if x_in not in held:
+            tape.free(x_in)
         if ckpt:
             tape.end_group()
 
@@ -133,6 +143,8 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     else:
         hidden = ops.rmsnorm(tape, x, tokens, h, job.full)
     tape.free(x, *held)
+    if regime == "classifier":
+        return _classifier_head(tape, job, hidden)
     logits = ops.linear(tape, hidden, v, tokens, w_rg=embed_rg, tied=tied)
     tape.free(hidden)
     padded = None
@@ -298,13 +310,21 @@ def _attention(tape: Tape, job: _Job, q: Sym, k: Sym, v: Sym, fused: bool) -> Sy
         # Flash kernels (sdpa on CPU and CUDA) keep q, k, v, the output and an fp32
         # logsumexp per head and query; the output's layout makes the (B, T, nh·hd)
         # reshape a view. Their backward makes the gradients of q, k and v only.
+        repeat = job.mask is not None and nkv != nh  # HF: no enable_gqa with a mask
+        if repeat:
+            k, v = (tape.op(tape.new(tokens * nh * hd, t.itemsize, t.rg), [(t, t.nbytes)])
+                    for t in (k, v))
         out = tape.new(tokens * nh * hd, d, rg)
         lse = tape.new(b * nh * s, FP32, False)
+        # sdpa converts a bool mask to the query's dtype on every call, and keeps that copy
+        masks = [tape.new(job.mask.numel, d, False)] if job.mask is not None else []
         tape.op(out, [(q, q.nbytes), (k, k.nbytes), (v, v.nbytes)],
-                [q, k, v, out, lse] if rg else [])
+                [q, k, v, out, lse, *masks] if rg else [])
         if not rg:
             tape.alloc(lse)
             tape.free(lse)
+        if repeat:
+            tape.free(k, v)
         return out
 
     def copy(t: Sym, numel: int, repeat: bool) -> Sym:
@@ -361,25 +381,19 @@ def _attention(tape: Tape, job: _Job, q: Sym, k: Sym, v: Sym, fused: bool) -> Sy
     return flat
 
 
-def _classifier(tape: Tape, job: _Job) -> ActivationPlan:
-    """A frozen backbone under no_grad, then a trainable head on the last token.
+def _classifier_head(tape: Tape, job: _Job, hidden: Sym) -> ActivationPlan:
+    """The head on the last token of a backbone run under no_grad (nothing above is saved).
 
-    Nothing is saved inside the backbone. Its forward peaks in the MLP, where the block's
-    input (still held by the caller's loop), the residual after attention, the norm's output
-    and (SwiGLU) act(gate), up and their product live together: T·(3h + 3I); GPT-2's MLP
-    holds c_fc's output and the GELU at once: T·(3h + 2I). Llama's rotary tables (2 · s ·
-    head_dim) live through the whole forward. ``hidden[:, -1]`` is a view, so the head keeps
-    the whole final hidden state (T·h) alive; a bf16 backbone's is cast to fp32 first, which
-    copies just the B last tokens.
+    ``hidden[:, -1]`` is a view: in fp32 the head keeps the whole final hidden state (T·h)
+    alive; a bf16 backbone's view is cast to fp32 first, which copies only the B last tokens,
+    but the view keeps the bf16 hidden state alive until the loss returns.
     """
-    spec, train, d, tokens = job.spec, job.train, job.d, job.tokens
-    b, h, i, c = job.b, spec.hidden_size, spec.intermediate_size, train.num_classes
-    mlp_live = 3 * i if spec.gated_mlp else 2 * i
-    rope = 2 * job.s * spec.head_dim * d if spec.family == "llama" else 0
-    transient = tokens * (3 * h + mlp_live) * d + rope
-    batch = 2 * b * train.seq * INT64 + b * INT64  # ids, labels, class labels
-    head_in = tokens * h * d if d == FP32 else b * h * FP32
-    saved = batch + head_in + b * c * FP32 + FP32  # + log-probabilities, nll's weight
-    backward = Moment(activations=saved, gradients=4 * (h * c + c),
-                      temporaries=2 * b * c * FP32)
-    return ActivationPlan(Moment(activations=batch, temporaries=transient), backward)
+    b, h, c = job.b, job.spec.hidden_size, job.train.num_classes
+    labels = tape.new(b, INT64, False)
+    tape.pin(labels)
+    last = hidden if job.d == FP32 else tape.alloc(tape.new(b * h, FP32, False))
+    logits = tape.new(b * c, FP32, True)
+    tape.op(logits, [], [last], param_grad=4 * (h * c + c))
+    loss = ops.cross_entropy(tape, logits, b, c, labels)
+    tape.free(logits, last, hidden)
+    return ActivationPlan(tape.forward_peak, tape.backward(loss))

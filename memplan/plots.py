@@ -149,11 +149,12 @@ def regimes_figure(train: TrainSpec | None = None, regimes: Sequence[str] = PLOT
                 rotation=90, va="bottom")
     ax.set(xscale="log", yscale="log", xlim=(ns[0], ns[-1]), ylim=(bottom / 1.6, top * 1.6),
            xlabel="parameters N (Llama-2-style shapes)", ylabel="peak memory per GPU (GiB)",
-           title=f"The memory wall: every regime against N ({_job_text(train)})")
+           title=f"The memory wall: peak memory against N ({_job_text(train)})")
     _count_axis(ax.xaxis)
     _log_axis(ax.yaxis)
     ax.grid(True, which="major", color="0.92")
-    ax.legend(fontsize=8, loc="lower right", title="regime: model states", title_fontsize=8)
+    ax.legend(fontsize=8, loc="lower right", title="regime: formula of the model states",
+              title_fontsize=8)
     return fig
 
 
@@ -309,7 +310,8 @@ def batch_figure(spec: ModelSpec, train: TrainSpec, gpu: str | GpuSpec, axis: st
     ax.axhline(_gib(usable), color="0.2", ls="--", lw=1,
                label=f"{device.name}: {_gib(device.capacity_bytes):.2f} GiB − "
                      f"{_gib(reserve_bytes):.2f} GiB reserve")
-    fixed = f"seq {job.seq}" if axis == "batch" else f"batch {job.batch}"
+    fixed = (f"seq {job.seq}" if axis == "batch" else f"batch {job.batch}") \
+        + (", checkpointing" if job.checkpointing else "")
     if axis == "seq":
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs], fontsize=8)

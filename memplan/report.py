@@ -33,6 +33,12 @@ SHORT = {"weights": "W", "gradients": "G", "optimizer_states": "opt",
          "master_weights": "master", "activations": "act", "temporaries": "tmp"}
 
 
+def warning_line(message: str) -> None:
+    """One yellow line on stderr."""
+    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {message}",
+                                                markup=True, soft_wrap=True)
+
+
 def breakdown_text(b: Breakdown) -> str:
     """'W 12.55 GiB · opt 152.5 MiB · ...' with only the non-zero components."""
     parts = [f"{SHORT[name]} {format_bytes(b.components[name])}"
@@ -84,17 +90,22 @@ def profile_table(result: Any) -> Table:
     title = (f"{result.spec.name} · {result.train.regime} · batch {result.train.batch} × seq "
              f"{result.train.seq} on {meas.device}: "
              + (f"error {100 * err:+.2f}%" if err is not None else
-                f"does not fit; measured up to {format_bytes(meas.peak_bytes)}"))
+                f"does not fit; measured up to {format_bytes(meas.peak_bytes)}"
+                if meas.peak_bytes > 0 else
+                f"does not fit: {meas.extra.get('error', 'the run could not allocate')}"))
     table = Table(title=title, title_justify="left")
     for col in ("component", "planned", "measured", "difference"):
         table.add_column(col, justify="left" if col == "component" else "right")
     for name in COMPONENTS:
         p, m = pred.components.get(name, 0), meas.components.get(name, 0)
-        if p or m:
-            table.add_row(name.replace("_", " "), format_bytes(p), format_bytes(m),
-                          format_bytes(p - m))
+        if p or m:  # a run that stopped short has no breakdown to compare
+            table.add_row(name.replace("_", " "), format_bytes(p),
+                          format_bytes(m) if meas.fits else "n/a",
+                          format_bytes(p - m) if meas.fits else "n/a")
     table.add_row("[bold]peak[/bold]", format_bytes(pred.total_bytes),
-                  format_bytes(meas.peak_bytes), format_bytes(pred.total_bytes - meas.peak_bytes))
+                  format_bytes(meas.peak_bytes) if meas.fits else
+                  f"≥ {format_bytes(meas.peak_bytes)}" if meas.peak_bytes else "n/a",
+                  format_bytes(pred.total_bytes - meas.peak_bytes) if meas.fits else "n/a")
     table.caption = (f"plan peaks at {pred.peak_phase.replace('_', ' ')}; "
                      f"measured in {meas.wall_seconds:.1f} s")
     return table

@@ -5,6 +5,7 @@ Variants are made with :func:`dataclasses.replace`; nothing here is ever mutated
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from memplan.errors import MemplanError
@@ -18,6 +19,9 @@ NOTES_REGIMES = REGIMES[:6]
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
 OPTIMIZER_IMPLS = ("fused", "foreach", "forloop")
 ATTENTIONS = ("sdpa", "eager", "flash")
+# Upper bound of the job's sizes (batch, seq, GPUs, classes, prompt tokens): no real job comes
+# near 16,777,216 of any, and bounded sizes keep every tensor a profile builds within int64.
+MAX_JOB_SIZE = 2**24
 IMPLS = ("memplan", "hf")          # whose model code runs: memplan's reference models or HF's
 LORA_BACKENDS = ("memplan", "peft")
 
@@ -100,8 +104,10 @@ class LoraSpec:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise MemplanError(f"LoRA rank must be a positive integer, got {self.rank!r}; "
                                "try --rank 8")
-        if not self.alpha > 0:
-            raise MemplanError(f"LoRA alpha must be positive, got {self.alpha!r}; try --alpha 16")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) \
+                or not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise MemplanError(f"LoRA alpha must be a positive finite number, got "
+                               f"{self.alpha!r}; try --alpha 16")
 
 
 @dataclass(frozen=True)
@@ -140,17 +146,18 @@ class TrainSpec:
                 from memplan.errors import unknown
 
                 raise unknown(what, value, choices)
-        for name in ("batch", "seq"):
+        for name, flag in (("batch", "--batch"), ("seq", "--seq"), ("gpus", "--gpus"),
+                           ("num_classes", "--classes"), ("prompt_tokens", "--prompt-tokens")):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or value <= 0):
-                raise MemplanError(f"--{name} must be a positive integer, got {value!r}")
-        if (self.batch is None) != (self.seq is None):
-            raise MemplanError("give both --batch and --seq to plan activations, or neither")
-        for name, flag in (("gpus", "--gpus"), ("num_classes", "--classes"),
-                           ("prompt_tokens", "--prompt-tokens")):
-            value = getattr(self, name)
+            if value is None and name in ("batch", "seq"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise MemplanError(f"{flag} must be a positive integer, got {value!r}")
+            if value > MAX_JOB_SIZE:
+                raise MemplanError(f"{flag} {value} is far beyond any real job; the limit is "
+                                   f"{MAX_JOB_SIZE:,}")
+        if (self.batch is None) != (self.seq is None):
+            raise MemplanError("give both --batch and --seq to plan activations, or neither")
 
     @property
     def has_activations(self) -> bool:

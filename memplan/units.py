@@ -64,6 +64,8 @@ def parse_bytes(text: str | int, what: str = "memory") -> int:
         )
     number = float(match.group(1).replace(",", "").replace("_", "")) * _BYTE_UNITS[match.group(2)]
     _finite_positive(number, raw, what)
+    if number < 1:
+        raise MemplanError(f"{what} must be at least one byte, got {raw!r}")
     return int(number)
 
 

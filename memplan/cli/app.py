@@ -41,6 +41,11 @@ def command(name: str | None = None, **kw: Any) -> Callable:
 
 def main() -> None:
     """Entry point of the ``memplan`` script and ``python -m memplan``."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show '·' gets '?', not a
+        if hasattr(stream, "reconfigure"):   # UnicodeEncodeError (PYTHONIOENCODING=ascii...)
+            stream.reconfigure(errors="replace")
     load_commands()
     app(prog_name="memplan")
 

@@ -19,6 +19,7 @@ def estimate(
     gpus: o.Gpus = 1, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
+    impl: o.ModelImpl = "memplan", lora_backend: o.LoraBackend = "memplan",
     regime: Annotated[list[str] | None, typer.Option(
         "--regime", help="Only these regimes (repeatable); default: all of them.")] = None,
     reserve: o.Reserve = None, json_out: o.Json = False,
@@ -37,7 +38,8 @@ def estimate(
                      train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                      classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                     attention=attention)
+                     attention=attention, impl=impl,
+                     lora_backend=lora_backend)
     reserve_bytes = o.parse_reserve(reserve)
     # By default, every regime that makes sense for the model and optimizer: BitFit needs
     # biases, and the ZeRO stages follow the paper's Adam accounting.

@@ -22,6 +22,7 @@ def fits(
     gpus: o.Gpus = 1, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
+    impl: o.ModelImpl = "memplan", lora_backend: o.LoraBackend = "memplan",
     reserve: o.Reserve = None, json_out: o.Json = False,
 ) -> None:
     """Answer yes (exit 0) or no (exit 1): does the job fit on one GPU, with what headroom.
@@ -48,7 +49,8 @@ def fits(
                      batch=1 if search_only else batch, seq=seq, gpus=gpus, classes=classes,
                      prompt_tokens=prompt_tokens, optimizer=optimizer,
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                     attention=attention)
+                     attention=attention, impl=impl,
+                     lora_backend=lora_backend)
     result = check(job.spec, job.train, capacity, o.parse_reserve(reserve), job.params)
     if json_out:
         print_json(result.to_dict() | {"gpu": label, "assumed": job.assumed})

@@ -36,6 +36,11 @@ Ckpt = Annotated[bool, typer.Option(
     "--checkpointing", help="Activation checkpointing: keep block inputs, recompute the rest.")]
 Attention = Annotated[str, typer.Option(
     "--attention", help="sdpa (flash kernels, no s² scores) or eager (stores s² scores).")]
+ModelImpl = Annotated[str, typer.Option(
+    "--impl", help="Whose model code: memplan (the reference models) or hf (Hugging Face "
+    "transformers: its loss, masks and activations).")]
+LoraBackend = Annotated[str, typer.Option(
+    "--lora-backend", help="memplan (LoRALinear) or peft (Hugging Face PEFT; needs --impl hf).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")]
 Reserve = Annotated[str | None, typer.Option(
     "--reserve", help="Per-GPU runtime reserve (CUDA context, allocator), e.g. 1GiB.")]
@@ -69,7 +74,14 @@ def resolve_model(params: str | None, model: str | None, config: Path | None
         from memplan.config import load_config
 
         spec = load_config(config)
-        return spec, None, f"config {config}"
+        from memplan.config import family_warning
+
+        warning = family_warning(spec)
+        if warning:
+            from memplan.report import warning_line
+
+            warning_line(warning)
+        return spec, None, f"config {config}" + (f" ({warning})" if warning else "")
     from memplan.shapes import shape_for_params
     from memplan.units import parse_count
 
@@ -83,14 +95,15 @@ def make_job(params: str | None, model: str | None, config: Path | None, *, regi
              train_embeddings: bool = False, batch: int | None = None, seq: int | None = None,
              gpus: int = 1, classes: int = 2, prompt_tokens: int = 20, optimizer: str = "adamw",
              optimizer_impl: str = "fused", checkpointing: bool = False,
-             attention: str = "sdpa") -> Job:
+             attention: str = "sdpa", impl: str = "memplan",
+             lora_backend: str = "memplan") -> Job:
     """Validate the options and build the job (every bad value raises MemplanError)."""
     spec, n, assumed = resolve_model(params, model, config)
     train = make_train(regime=regime, rank=rank, alpha=alpha, targets=targets,
                        train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                        classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                        optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                       attention=attention)
+                       attention=attention, impl=impl, lora_backend=lora_backend)
     if seq is not None and spec.learned_positions and seq > spec.max_positions:
         raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
                            f"{spec.name}; use --seq {spec.max_positions} or less")
@@ -101,7 +114,8 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
                train_embeddings: bool = False, batch: int | None = None, seq: int | None = None,
                gpus: int = 1, classes: int = 2, prompt_tokens: int = 20,
                optimizer: str = "adamw", optimizer_impl: str = "fused",
-               checkpointing: bool = False, attention: str = "sdpa") -> TrainSpec:
+               checkpointing: bool = False, attention: str = "sdpa", impl: str = "memplan",
+               lora_backend: str = "memplan") -> TrainSpec:
     """The TrainSpec of the job options alone, for commands where the model is optional."""
     if isinstance(gpus, int) and gpus < 1:
         raise MemplanError(f"--gpus must be at least 1, got {gpus}")
@@ -110,6 +124,7 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
         lora=LoraSpec(rank=rank, alpha=alpha, targets=targets, train_embeddings=train_embeddings),
         num_classes=classes, prompt_tokens=prompt_tokens, gpus=gpus, optimizer=optimizer,
         optimizer_impl=optimizer_impl, checkpointing=checkpointing, attention=attention,
+        impl=impl, lora_backend=lora_backend,
     )
 
 

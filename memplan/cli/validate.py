@@ -17,6 +17,7 @@ def validate(
     device: Device = "auto",
     quick: Annotated[bool, typer.Option("--quick", help="A few rows only.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for the report.")] = Path("reports"),
+    impl: o.ModelImpl = "memplan",
     json_out: o.Json = False,
 ) -> None:
     """Profile a matrix of jobs against their plans; write reports/validation-<device>.*"""
@@ -40,7 +41,7 @@ def validate(
                        description=f"{row['model']} {row['regime']} "
                                    f"{'n/a' if err is None else f'{100 * err:+.2f}%'}")
         try:
-            paths, summary = run(device, quick=quick, out_dir=out, on_row=on_row)
+            paths, summary = run(device, quick=quick, out_dir=out, on_row=on_row, impl=impl)
         except KeyboardInterrupt:
             typer.echo("interrupted: the finished rows are in the report", err=True)
             raise typer.Exit(130) from None

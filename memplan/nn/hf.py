@@ -11,6 +11,7 @@ with PEFT's LoRA instead of memplan's LoRALinear. Needs the ``[hf]`` extra.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -53,9 +54,13 @@ class HFCausalLM(nn.Module):
         base = self._base()
         return base.transformer if self.spec.family == "gpt2" else base.model
 
+    def input_embedding(self) -> nn.Embedding:
+        """The token embedding module."""
+        return self._base().get_input_embeddings()
+
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings (B, T, H)."""
-        return self._base().get_input_embeddings()(input_ids)
+        return self.input_embedding()(input_ids)
 
     def hidden_states(self, input_ids: Tensor | None = None,
                       inputs_embeds: Tensor | None = None) -> Tensor:
@@ -79,6 +84,7 @@ def build_hf_model(spec: ModelSpec, device: str | torch.device | None = None,
     """
     transformers = _transformers()
     transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     config = transformers.AutoConfig.for_model(**hf_config(spec), bos_token_id=None,
                                                eos_token_id=None, pad_token_id=None)
     config.use_cache = False
@@ -86,8 +92,12 @@ def build_hf_model(spec: ModelSpec, device: str | torch.device | None = None,
     with torch.device(device or "cpu"):
         model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
                                                               attn_implementation=attention)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:  # transformers 5 renamed gradient checkpointing to activation checkpointing
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     return HFCausalLM(model, spec)
 
@@ -95,8 +105,8 @@ def build_hf_model(spec: ModelSpec, device: str | torch.device | None = None,
 def apply_peft_lora(model: HFCausalLM, lora: LoraSpec, adapter_fp32: bool = True) -> list[str]:
     """Wrap ``model.hf`` with PEFT's LoRA on the planner's targets; returns the wrapped names.
 
-    PEFT matches module names by suffix, so the targets are the planner's module names
-    (``all`` = every linear of a block). Adapters are kept in fp32 on a bf16 base
+    PEFT matches module names by suffix, so the targets are the planner's dotted names
+    inside a block (``attn.c_proj`` is attention's, not the MLP's). Adapters are kept in fp32 on a bf16 base
     (``autocast_adapter_dtype``, PEFT's default).
     """
     try:
@@ -104,11 +114,20 @@ def apply_peft_lora(model: HFCausalLM, lora: LoraSpec, adapter_fp32: bool = True
     except ImportError:
         raise MemplanError("--lora-backend peft needs PEFT: pip install 'memplan[hf]'") from None
     layers = check_rank(model.spec, lora)
-    names = sorted({layer.short_name for layer in layers})
+    names = sorted({layer.name for layer in layers})  # dotted: "attn.c_proj", not "c_proj"
     config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=names,
                              lora_dropout=0.0, bias="none",
                              fan_in_fan_out=model.spec.family == "gpt2")
-    model.hf = peft.get_peft_model(model.hf, config, autocast_adapter_dtype=adapter_fp32)
+    # PEFT's own upcast (autocast_adapter_dtype) uses Module.to, which cannot swap the
+    # parameters of FakeTensors; cast the adapters one tensor at a time instead.
+    model.hf = peft.get_peft_model(model.hf, config, autocast_adapter_dtype=False)
+    if adapter_fp32:
+        from memplan.nn.regimes import cast_floating
+
+        for module in model.hf.modules():
+            for name in ("lora_A", "lora_B"):
+                if isinstance(getattr(module, name, None), nn.ModuleDict):
+                    cast_floating(getattr(module, name), torch.float32)
     if lora.train_embeddings:
         base = model._base()
         for module in (base.get_input_embeddings(), base.get_output_embeddings()):

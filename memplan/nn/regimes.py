@@ -141,6 +141,9 @@ def _freeze(model: nn.Module) -> None:
 
 
 def _input_embedding(model: nn.Module) -> nn.Embedding:
+    getter = getattr(model, "input_embedding", None)  # memplan.nn.hf.HFCausalLM
+    if callable(getter):
+        return getter()
     body = getattr(model, "transformer", None) or getattr(model, "model", None)
     for name in ("wte", "embed_tokens"):
         if body is not None and isinstance(getattr(body, name, None), nn.Embedding):

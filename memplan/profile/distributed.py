@@ -57,6 +57,7 @@ INJECT_ENV = "MEMPLAN_DIST_INJECT"
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT_S = 120.0  # per collective (and the rendezvous)
 DEFAULT_DEADLINE_S = 900.0  # the whole run
+FAILURE_GRACE_S = 2.0  # after a rank fails, how long the others get to report their errors
 
 
 def _check(train: TrainSpec, nproc: int) -> str:
@@ -89,7 +90,7 @@ def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True)
 
     for block in _blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh)  # FSDP2's default: the root keeps its gathered parameters
 
 
 def _inject(rank: int) -> None:
@@ -233,19 +234,36 @@ def _worker(rank: int, nproc: int, port: int, spec: ModelSpec, train: TrainSpec,
         raise
 
 
-def _failure(out: Path, nproc: int, fallback: str) -> MemplanError:
-    """The error of the first rank that failed (by time), naming the others."""
-    errors = []
+def _failure(out: Path, nproc: int, codes: list[int | None]) -> MemplanError:
+    """Name the rank that failed first, then what became of the others.
+
+    A rank that died without a Python error (killed, ``os._exit``) comes first: the others'
+    errors are then only the broken connections it left. Otherwise the earliest error wins.
+    """
+    errors: dict[int, tuple[float, str]] = {}
     for path in out.glob("rank*.err"):
         stamp, _, line = path.read_text().partition("\n")
-        errors.append((float(stamp), int(path.stem[4:]), line.strip()))
-    if not errors:
-        return MemplanError(f"{fallback}; the other ranks were stopped")
-    errors.sort()
-    _, rank, line = errors[0]
-    also = "".join(f"; rank {r} then failed too" for _, r, _ in errors[1:])
-    return MemplanError(f"rank {rank} of {nproc} failed: {line}{also}; the other ranks were "
-                        f"stopped")
+        errors[int(path.stem[4:])] = (float(stamp), line.strip())
+    dead = [r for r, code in enumerate(codes) if code not in (None, 0) and r not in errors]
+    order = dead + sorted(errors, key=lambda r: errors[r][0])
+    if not order:
+        return MemplanError(f"the {nproc}-rank run failed without a message; every rank was "
+                            "stopped")
+
+    def what(rank: int) -> str:
+        if rank in errors:
+            return f"failed: {errors[rank][1]}"
+        code = codes[rank] or 0
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        return f"died ({how}) without a Python error"
+
+    first, rest = order[0], order[1:]
+    msg = f"rank {first} of {nproc} {what(first)}"
+    msg += "".join(f"; then rank {r} {what(r)}" for r in rest)
+    hung = [str(r) for r, code in enumerate(codes) if code is None]
+    if hung:
+        msg += f"; rank(s) {', '.join(hung)} still running were stopped"
+    return MemplanError(msg + "; no rank is left running")
 
 
 def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str = "cpu",
@@ -283,7 +301,6 @@ def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
         raise MemplanError(f"--nproc {nproc} needs {nproc} GPUs, this machine has "
                            f"{torch.cuda.device_count()}")
     import torch.multiprocessing as mp
-    from torch.multiprocessing.spawn import ProcessException
 
     store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=timeout_s),
                           wait_for_workers=False)  # the rendezvous, on a free port
@@ -293,17 +310,13 @@ def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
             _worker, args=(nproc, store.port, spec, train, device, steps, seed, timeout_s,
                            reshard_after_forward, tmp),
             nprocs=nproc, join=False, start_method="spawn")
-        deadline = time.monotonic() + deadline_s
         try:
-            while not ctx.join(timeout=0.5, grace_period=2.0):
-                if time.monotonic() > deadline:
-                    _stop(ctx)
-                    raise MemplanError(f"the {nproc}-rank run passed its deadline of "
-                                       f"{deadline_s:g} s; every rank was stopped")
-        except ProcessException as exc:
+            _wait(ctx, out, nproc, time.monotonic() + deadline_s, deadline_s)
+        finally:
             _stop(ctx)
-            raise _failure(out, nproc, f"rank {exc.error_index} of {nproc} died "
-                                       f"(pid {exc.pid})") from None
+            for path in ctx.error_files:  # tracebacks torch's wrapper wrote for failed ranks
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         results = []
         for rank in range(nproc):
             path = out / f"rank{rank}.pkl"
@@ -312,6 +325,22 @@ def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
             results.append(pickle.loads(path.read_bytes()))
     del store
     return results
+
+
+def _wait(ctx: Any, out: Path, nproc: int, deadline: float, deadline_s: float) -> None:
+    """Wait for every rank to exit 0; on the first failure, give the others a moment to report
+    their own errors, then raise (the caller stops whatever still runs)."""
+    while True:
+        codes = [proc.exitcode for proc in ctx.processes]
+        if all(code == 0 for code in codes):
+            return
+        if any(code not in (None, 0) for code in codes):
+            time.sleep(FAILURE_GRACE_S)
+            raise _failure(out, nproc, [proc.exitcode for proc in ctx.processes])
+        if time.monotonic() > deadline:
+            raise MemplanError(f"the {nproc}-rank run passed its deadline of {deadline_s:g} s; "
+                               f"every rank was stopped")
+        time.sleep(0.2)
 
 
 def _stop(ctx: Any) -> None:

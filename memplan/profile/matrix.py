@@ -86,13 +86,59 @@ FAKE_MATRIX: list[Row] = [
 QUICK_FAKE: list[Row] = FAKE_MATRIX[:2]
 
 
+# Hugging Face transformers models (issue 9): Llama, Mistral-, Qwen2- and GPT-2-shaped, with
+# memplan's LoRALinear or PEFT, fp32 and bf16 bases, checkpointing on and off.
+_HF = {"impl": "hf"}
+_PEFT = {"impl": "hf", "lora_backend": "peft"}
+HF_CPU_MATRIX: list[Row] = [
+    (m, kw | extra, changes) for m, changes in (
+        ("llama-tiny", {}), ("gpt2-tiny", {}),
+        ("llama-tiny", QWEN_LIKE | {"model_type": "qwen2"}))
+    for kw, extra in (
+        (dict(regime="full", batch=2, seq=128), _HF),
+        (dict(regime="mixed", batch=2, seq=64), _HF),
+        (dict(regime="lora", batch=2, seq=128), _PEFT),
+        (dict(regime="lora-bf16", batch=4, seq=128), _PEFT),
+        (dict(regime="full", batch=2, seq=128, attention="eager"), _HF),
+        (dict(regime="lora", batch=2, seq=256, checkpointing=True), _PEFT),
+    )
+] + [
+    ("llama-tiny", dict(regime="lora", batch=4, seq=128) | _HF, {}),
+    ("llama-tiny", dict(regime="lora-bf16", batch=2, seq=128) | _HF, {}),
+    ("llama-tiny", dict(regime="classifier", batch=4, seq=128) | _HF, {}),
+]
+HF_FAKE_MATRIX: list[Row] = [
+    ("llama-2-7b", dict(regime="lora", batch=1, seq=512) | _HF, {}),
+    ("llama-2-7b", dict(regime="lora-bf16", batch=2, seq=2048) | _PEFT, {}),
+    ("llama-2-7b", dict(regime="lora-bf16", batch=4, seq=4096, checkpointing=True) | _PEFT, {}),
+    ("llama-2-7b", dict(regime="full", batch=1, seq=1024) | _HF, {}),
+    ("mistral-7b", dict(regime="lora-bf16", batch=1, seq=4096) | _PEFT, {}),
+    ("mistral-7b", dict(regime="mixed", batch=1, seq=2048) | _HF, {}),
+    ("qwen2.5-7b", dict(regime="lora-bf16", batch=1, seq=4096) | _PEFT, {}),
+    ("qwen2.5-0.5b", dict(regime="full", batch=8, seq=1024) | _HF, {}),
+    ("qwen2.5-0.5b", dict(regime="lora", batch=4, seq=2048) | _PEFT, {}),
+    ("qwen2.5-0.5b", dict(regime="lora-bf16", batch=8, seq=4096, checkpointing=True) | _PEFT, {}),
+    ("qwen2.5-0.5b", dict(regime="lora", batch=2, seq=512, attention="eager") | _HF, {}),
+    ("tinyllama-1.1b", dict(regime="full", batch=1, seq=128) | _HF, {}),
+    ("tinyllama-1.1b", dict(regime="lora", batch=8, seq=2048) | _PEFT, {}),
+    ("gpt2", dict(regime="full", batch=8, seq=1024) | _HF, {}),
+    ("gpt2", dict(regime="lora", batch=4, seq=1024) | _PEFT, {}),
+    ("gpt2", dict(regime="lora-bf16", batch=2, seq=1024, checkpointing=True) | _PEFT, {}),
+    ("gpt2-medium", dict(regime="mixed", batch=2, seq=1024) | _HF, {}),
+]
+
+
 def train_of(kw: dict) -> TrainSpec:
     """The TrainSpec of a row."""
     return replace(TrainSpec(), **kw)
 
 
-def matrix_for(device: str, quick: bool) -> list[Row]:
-    """The rows for a device: the tiny CPU matrix (cpu, cuda) or the 7B-class one (fake)."""
+def matrix_for(device: str, quick: bool, impl: str = "memplan") -> list[Row]:
+    """The rows for a device: the tiny CPU matrix (cpu, cuda) or the 7B-class one (fake);
+    with ``impl="hf"``, those of Hugging Face models."""
+    if impl == "hf":
+        rows = HF_FAKE_MATRIX if device == "fake" else HF_CPU_MATRIX
+        return rows[:3] if quick else rows
     if device == "fake":
         return QUICK_FAKE if quick else FAKE_MATRIX
     return QUICK_MATRIX if quick else CPU_MATRIX

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from memplan.errors import MemplanError
 from memplan.presets import get_model
 from memplan.profile.matrix import Row, matrix_for, train_of
 from memplan.units import format_bytes
@@ -70,30 +71,54 @@ def summarise(rows: list[dict]) -> dict:
             "within_3pct": sum(e <= 0.03 for e in errors)}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _write_error(path: Path, exc: OSError) -> MemplanError:
+    return MemplanError(f"cannot write {path}: {exc.strerror or exc}; the previous report, if "
+                        "any, is unchanged")
 
 
-def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict) -> list[Path]:
-    """Write validation-<device>.{json,md,png}; each file whole or not at all."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"validation-{device}"
-    summary = summarise(rows)
-    doc = {"device": device, "summary": summary, "meta": meta, "rows": rows}
-    paths = []
-    png = stem.with_suffix(".png")
+def report_name(device: str, impl: str = "memplan") -> str:
+    """validation-<device>, or validation-hf-<device> for Hugging Face models."""
+    return f"validation-{'hf-' if impl == 'hf' else ''}{device}"
+
+
+def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict,
+                 name: str | None = None) -> list[Path]:
+    """Write <name>.{json,md,png} (default validation-<device>): each whole or not at all.
+
+    Every file is written to a temporary name beside its target first, and renamed into place
+    only once all are written: a disk that fails (full, read-only) leaves the previous report
+    as it was and raises :class:`MemplanError`.
+    """
+    stem = out_dir / (name or report_name(device))
+    doc = {"device": device, "status": meta.get("status", "complete"),
+           "summary": summarise(rows), "meta": meta, "rows": rows}
+    staged: list[tuple[Path, Path]] = []  # (temporary, target)
+    target = out_dir
     try:
-        from memplan.plots import save_figure, validation_figure
-
-        save_figure(validation_figure(rows, title=f"memplan validate --device {device}"), png)
-        paths.append(png)
-    except ImportError:  # matplotlib missing: the tables still stand
-        pass
-    _atomic_write(stem.with_suffix(".json"), (json.dumps(doc, indent=1) + "\n").encode())
-    _atomic_write(stem.with_suffix(".md"), markdown(doc).encode())
-    return [stem.with_suffix(".json"), stem.with_suffix(".md"), *paths]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from memplan.plots import save_figure, validation_figure
+        except ImportError:  # matplotlib missing: the tables still stand
+            pass
+        else:
+            target = stem.with_suffix(".png")
+            staged.append((target.with_name(f".{target.stem}.new.png"), target))
+            save_figure(validation_figure(rows, title=f"memplan validate --device {device}"),
+                        staged[-1][0])
+        for suffix, text in ((".json", json.dumps(doc, indent=1) + "\n"),
+                             (".md", markdown(doc))):
+            target = stem.with_suffix(suffix)
+            staged.append((target.with_name(f".{target.name}.tmp"), target))
+            staged[-1][0].write_bytes(text.encode())
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except OSError as exc:
+        raise _write_error(target, exc) from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    pngs = [target for _, target in staged if target.suffix == ".png"]
+    return [stem.with_suffix(".json"), stem.with_suffix(".md"), *pngs]
 
 
 def markdown(doc: dict) -> str:
@@ -105,7 +130,8 @@ def markdown(doc: dict) -> str:
         f"# memplan validation — device `{doc['device']}`", "",
         f"Produced by `{meta['command']}` on {meta['date']} ({meta['platform']}, torch "
         f"{meta['torch']}, {meta['elapsed_seconds']:.0f} s)"
-        + ("." if meta["complete"] else " — INTERRUPTED: partial."),
+        + ("." if meta["complete"] else f" — **{meta.get('status', 'INTERRUPTED')}**: this "
+           "report holds only the rows that finished."),
         "", "The plan is `memplan.planner.plan` (pure formulas of the spec, no tensors); the "
         "measurement is the peak of live tensor storage over the steady-state steps after a "
         "warm-up step (`memplan.profile.step.measure`).", "",
@@ -130,17 +156,23 @@ def markdown(doc: dict) -> str:
 
 def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
              rows: list[Row] | None = None,
-             on_row: Callable[[int, int, dict], None] | None = None) -> tuple[list[Path], dict]:
-    """Run the matrix for ``device`` and write the report; returns (paths, summary)."""
+             on_row: Callable[[int, int, dict], None] | None = None,
+             impl: str = "memplan") -> tuple[list[Path], dict]:
+    """Run the matrix for ``device`` (of Hugging Face models with ``impl="hf"``) and write
+    the report; returns (paths, summary)."""
     import torch
 
     from memplan.profile.step import resolve_device
 
     device = resolve_device(device)
-    matrix = rows if rows is not None else matrix_for(device, quick)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f".validation-{device}.partial.jsonl"
-    partial.write_text("")
+    matrix = rows if rows is not None else matrix_for(device, quick, impl)
+    name = report_name(device, impl)
+    partial = out_dir / f".{name}.partial.jsonl"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial.write_text("")
+    except OSError as exc:
+        raise _write_error(partial, exc) from None
     done: list[dict] = []
     start = time.perf_counter()
     complete = False
@@ -148,22 +180,27 @@ def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
         for i, (model, kw, *changes) in enumerate(matrix):
             record = run_row(model, kw, device, changes=changes[0] if changes else None)
             done.append(record)
-            with partial.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            try:
+                with partial.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise _write_error(partial, exc) from None
             if on_row:
                 on_row(i + 1, len(matrix), record)
         complete = True
     finally:
-        meta = {"command": "memplan validate --device " + device + (" --quick" if quick else ""),
+        status = "complete" if complete else f"INTERRUPTED after {len(done)} of {len(matrix)} rows"
+        meta = {"command": "memplan validate --device " + device + (" --quick" if quick else "")
+                + (" --impl hf" if impl == "hf" else ""),
                 "date": time.strftime("%Y-%m-%d"), "platform": platform.platform(terse=True),
-                "torch": torch.__version__, "complete": complete,
+                "torch": torch.__version__, "complete": complete, "status": status,
                 "elapsed_seconds": time.perf_counter() - start,
                 "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "extra": {}}
         if device == "fake":
             meta["extra"]["peak RSS of the whole run"] = format_bytes(meta["max_rss_bytes"])
         if done:
-            paths = write_report(done, device, out_dir, meta)
+            paths = write_report(done, device, out_dir, meta, name)
         else:
             paths = []
         if complete:
