@@ -50,7 +50,13 @@ def run_row(model: str, kw: dict, device: str, steps: int = 2,
     result = profile(spec, train_of(kw), device=device, steps=steps)
     label = model + "".join(f" {k}={v}" for k, v in (changes or {}).items()
                             if k != "model_type") if changes else model
-    return {"model": label, "regime": kw["regime"], "options": _options(kw),
+    extra = {}
+    if result.train.impl == "hf":  # what the notes and Accelerate say of the same job
+        from memplan.profile.baselines import accelerate_training_bytes
+
+        extra = {"notes_bytes": result.predicted.model_state_bytes,
+                 "accelerate_bytes": accelerate_training_bytes(spec, result.train)}
+    return extra | {"model": label, "regime": kw["regime"], "options": _options(kw),
             "predicted_bytes": result.predicted.total_bytes,
             "measured_bytes": result.measured.peak_bytes,
             "relative_error": result.relative_error,
@@ -90,7 +96,7 @@ def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict,
     as it was and raises :class:`MemplanError`.
     """
     stem = out_dir / (name or report_name(device))
-    doc = {"device": device, "status": meta.get("status", "complete"),
+    doc = {"device": device, "name": stem.name, "status": meta.get("status", "complete"),
            "summary": summarise(rows), "meta": meta, "rows": rows}
     staged: list[tuple[Path, Path]] = []  # (temporary, target)
     target = out_dir
@@ -142,8 +148,24 @@ def markdown(doc: dict) -> str:
     ]
     for key, value in meta.get("extra", {}).items():
         lines.append(f"- {key}: {value}")
-    lines += ["", f"![predicted vs measured](validation-{doc['device']}.png)", "",
-              "| model | regime | options | predicted | measured | error | peak at | time |",
+    lines += ["", f"![predicted vs measured]({doc.get('name', 'validation-' + doc['device'])}"
+              ".png)"]
+    if any("notes_bytes" in r for r in doc["rows"]):
+        lines += ["", "## The same jobs, as other estimates see them", "",
+                  "Each against the measured peak: the notes' model-state formula (no "
+                  "activations), Accelerate's training estimate (its own "
+                  "`estimate_training_usage` on the same model: no batch, sequence, LoRA or "
+                  "checkpointing), and memplan's plan.", "",
+                  "| model | regime | options | measured | notes' formula | Accelerate | memplan |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for r in doc["rows"]:
+            m = r["measured_bytes"]
+            cells = [_versus(r.get(k), m) for k in ("notes_bytes", "accelerate_bytes",
+                                                     "predicted_bytes")]
+            lines.append(f"| {r['model']} | {r['regime']} | {r['options']} | {format_bytes(m)} | "
+                         + " | ".join(cells) + " |")
+        lines += ["", "## Rows"]
+    lines += ["", "| model | regime | options | predicted | measured | error | peak at | time |",
               "|---|---|---|---:|---:|---:|---|---:|"]
     for r in doc["rows"]:
         err = r["relative_error"]
@@ -152,6 +174,13 @@ def markdown(doc: dict) -> str:
                      f" | {'n/a' if err is None else f'{100 * err:+.3f}%'} | {r['peak_phase']} | "
                      f"{r['wall_seconds']:.1f} s |")
     return "\n".join(lines) + "\n"
+
+
+def _versus(estimate: int | None, measured: int) -> str:
+    """'12.3 GiB (−45%)': an estimate and its error against the measured peak."""
+    if estimate is None or measured <= 0:
+        return "n/a"
+    return f"{format_bytes(estimate)} ({100 * (estimate - measured) / measured:+.0f}%)"
 
 
 def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
