@@ -11,7 +11,9 @@ with PEFT's LoRA instead of memplan's LoRALinear. Needs the ``[hf]`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -120,7 +122,8 @@ def apply_peft_lora(model: HFCausalLM, lora: LoraSpec, adapter_fp32: bool = True
                              fan_in_fan_out=model.spec.family == "gpt2")
     # PEFT's own upcast (autocast_adapter_dtype) uses Module.to, which cannot swap the
     # parameters of FakeTensors; cast the adapters one tensor at a time instead.
-    model.hf = peft.get_peft_model(model.hf, config, autocast_adapter_dtype=False)
+    with _no_adapter_moves_under_fake_tensors():
+        model.hf = peft.get_peft_model(model.hf, config, autocast_adapter_dtype=False)
     if adapter_fp32:
         from memplan.nn.regimes import cast_floating
 
@@ -135,3 +138,32 @@ def apply_peft_lora(model: HFCausalLM, lora: LoraSpec, adapter_fp32: bool = True
                 p.requires_grad_(True)
     return [n for n, m in model.hf.named_modules() if hasattr(m, "lora_A") and
             any(n.endswith(t) for t in names)]
+
+
+@contextlib.contextmanager
+def _no_adapter_moves_under_fake_tensors() -> Iterator[None]:
+    """Under FakeTensorMode, make ``Module.to`` a no-op for modules already on the target
+    device and dtype while PEFT wraps the model: PEFT moves each new adapter to its base
+    layer's device, and ``Module.to`` cannot swap FakeTensor parameters even when nothing
+    changes. Real tensors are left to PEFT."""
+    from torch._guards import detect_fake_mode
+
+    original = nn.Module.to
+    if detect_fake_mode() is None:
+        yield
+        return
+
+    def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        if all((device is None or t.device.type == torch.device(device).type)
+               and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
+               for t in tensors):
+            return self
+        return original(self, *args, **kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original

@@ -114,7 +114,8 @@ class TrainingSetup:
 
 
 @torch.no_grad()
-def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
+def cast_floating(model: nn.Module, dtype: torch.dtype,
+                  keep: Callable[[str], bool] | None = None) -> None:
     """``model.to(dtype)`` for floating parameters and buffers, one tensor at a time.
 
     Unlike ``Module.to`` this also works under ``FakeTensorMode`` (whose tensors cannot be
@@ -122,7 +123,9 @@ def cast_floating(model: nn.Module, dtype: torch.dtype) -> None:
     Parameters stay tied, ``requires_grad`` is kept), so call it before building optimizers.
     """
     new: dict[int, nn.Parameter] = {}
-    for module in model.modules():
+    for path, module in model.named_modules():
+        if keep is not None and keep(path):  # e.g. adapters that stay in their dtype
+            continue
         for name, param in list(module._parameters.items()):
             if param is None or not param.is_floating_point() or param.dtype == dtype:
                 continue
@@ -273,14 +276,18 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
             param.requires_grad_(True)
     elif regime in ("lora", "lora-bf16"):
         spec = lora or LoraSpec()
-        if regime == "lora-bf16":
-            cast_floating(model, torch.bfloat16)  # the frozen base first; then fp32 adapters
         if lora_backend == "peft":  # a Hugging Face model, wrapped by PEFT (fp32 adapters)
             from memplan.nn.hf import apply_peft_lora
 
+            # Adapters on the fp32 base, then the base cast down: the state PEFT reaches on a
+            # bf16 base, without its Module.to, which cannot swap FakeTensor parameters.
             _freeze(model)
             apply_peft_lora(model, spec)
+            if regime == "lora-bf16":
+                cast_floating(model, torch.bfloat16, keep=lambda name: "lora_" in name)
         else:
+            if regime == "lora-bf16":
+                cast_floating(model, torch.bfloat16)  # the frozen base; then fp32 adapters
             apply_lora(model, spec.rank, spec.alpha, spec.targets,
                        train_embeddings=spec.train_embeddings,
                        adapter_dtype=torch.float32 if regime == "lora-bf16" else None)

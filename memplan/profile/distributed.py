@@ -29,6 +29,7 @@ import os
 import pickle
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -88,9 +89,66 @@ def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True)
     """
     from torch.distributed.fsdp import fully_shard
 
-    for block in _blocks(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh)  # FSDP2's default: the root keeps its gathered parameters
+    with _lazy_chunks():
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=mesh)  # FSDP2's default: the root keeps its gathered parameters
+
+
+class _Chunks(Sequence):
+    """``torch.chunk(tensor, n, dim)`` padded with empty tensors to n items, made on access."""
+
+    def __init__(self, tensor: torch.Tensor, num_chunks: int, dim: int) -> None:
+        self.tensor, self.num_chunks, self.dim = tensor, num_chunks, dim
+        self.rows_per_chunk = -(-tensor.size(dim) // num_chunks)  # rows > 0 (see _lazy_chunks)
+
+    def __len__(self) -> int:
+        return self.num_chunks
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.num_chunks))]
+        if i < 0:
+            i += self.num_chunks
+        if not 0 <= i < self.num_chunks:
+            raise IndexError(i)
+        start = i * self.rows_per_chunk
+        rows = self.tensor.size(self.dim)
+        if start >= rows:
+            return self.tensor.new_empty(0)
+        return self.tensor.narrow(self.dim, start, min(self.rows_per_chunk, rows - start))
+
+
+@contextlib.contextmanager
+def _lazy_chunks() -> Any:
+    """Shard without materialising every rank's chunk (minutes at 1024 ranks under fake mode).
+
+    FSDP2's ``_chunk_with_empty`` builds all M chunks of each parameter (``torch.chunk``,
+    padded with one new empty tensor per missing rank) and reads two of them: its own rank's
+    and the first (for the padded size). Under ``FakeTensorMode`` each costs ~0.5 ms, so a 70B
+    model at 1024 ranks spent many minutes there. :class:`_Chunks` gives the same tensors
+    (``torch.chunk``'s sizes: ⌈d0/M⌉ rows, then the rest, then empties) on access only.
+    """
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+    except ImportError:  # pragma: no cover - other torch versions
+        yield
+        return
+    original = getattr(_fsdp_param, "_chunk_with_empty", None)
+    if original is None:  # pragma: no cover
+        yield
+        return
+
+    def chunk_with_empty(tensor: torch.Tensor, num_chunks: int, dim: int) -> Any:
+        if tensor.size(dim) == 0:  # torch.chunk's own rules for empty tensors
+            return original(tensor, num_chunks, dim)
+        return _Chunks(tensor, num_chunks, dim)
+
+    _fsdp_param._chunk_with_empty = chunk_with_empty
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = original
 
 
 def _inject(rank: int) -> None:
@@ -108,14 +166,19 @@ def _inject(rank: int) -> None:
     raise RuntimeError(f"failure injected on rank {rank} by {INJECT_ENV}={spec}")
 
 
-def _unit_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of each FSDP unit's gathered (unsharded, padded) parameters, by module name."""
-    out = {}
-    for name, group in fsdp_units(model):
-        world = group.mesh_info.shard_mesh_size
-        out[name or "<root>"] = sum(world * fp.padded_sharded_param_size.numel()
-                                    * fp.sharded_param.element_size() for fp in group.fsdp_params)
-    return out
+def _fsdp_facts(model: nn.Module) -> dict[str, Any]:
+    """Sizes read from FSDP2's own records (torch 2.13 internals; empty if they moved): each
+    unit's gathered bytes (padded) by module name, and this rank's sharded bytes (padded)."""
+    try:
+        units = {name or "<root>": sum(
+            group.mesh_info.shard_mesh_size * fp.padded_sharded_param_size.numel()
+            * fp.sharded_param.element_size() for fp in group.fsdp_params)
+            for name, group in fsdp_units(model)}
+        sharded = sum(fp._sharded_param_data.numel() * fp._sharded_param_data.element_size()
+                      for fp in fsdp_params(model))
+    except AttributeError:
+        return {}
+    return {"unit_bytes": units, "sharded_param_bytes": sharded}
 
 
 def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc: int,
@@ -156,8 +219,8 @@ def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc:
             reg(list(model.buffers()), "weights", "buffers")
             records = fsdp_params(model)
             # The gathered parameters: storages FSDP2 keeps at 0 bytes between uses.
-            reg([t for fp in records for t in fp.all_gather_outputs], "weights",
-                "unsharded_params")
+            reg([t for fp in records for t in getattr(fp, "all_gather_outputs", ())],
+                "weights", "unsharded_params")
             reg(optimizer_state_tensors(setup.optimizer), "optimizer_states", "optimizer_states")
             grad_buffers = getattr(setup.optimizer, "grad_buffers", None)
             if grad_buffers:  # the mixed recipe's bf16 sharded gradients
@@ -191,9 +254,7 @@ def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc:
     if terms:
         extra["terms"] = tracker.peak_terms
         extra["peak_where"] = tracker.peak_where
-    extra["unit_bytes"] = _unit_bytes(model)
-    extra["sharded_param_bytes"] = sum(fp._sharded_param_data.numel()
-                                       * fp._sharded_param_data.element_size() for fp in records)
+    extra.update(_fsdp_facts(model))
     if device != "fake" and loss is not None:
         extra["loss"] = float(loss.detach())
     return Measurement(device, tracker.peak_bytes, tracker.peak_components, dict(tracker.marks),
@@ -208,7 +269,7 @@ def _where(tracker: Any, phase: str) -> None:
 # -- real ranks ----------------------------------------------------------------------------------
 def _worker(rank: int, nproc: int, port: int, spec: ModelSpec, train: TrainSpec, device: str,
             steps: int, seed: int, timeout_s: float, reshard_after_forward: bool,
-            out_dir: str) -> None:
+            capacity_bytes: int | None, out_dir: str) -> None:
     """One rank (the entry point of each spawned process)."""
     out = Path(out_dir)
     try:
@@ -223,7 +284,8 @@ def _worker(rank: int, nproc: int, port: int, spec: ModelSpec, train: TrainSpec,
 
         mesh = init_device_mesh(device, (nproc,))
         result = _run_rank(spec, train, mesh, rank=rank, nproc=nproc, device=device,
-                           steps=steps, seed=seed, reshard_after_forward=reshard_after_forward)
+                           steps=steps, seed=seed, reshard_after_forward=reshard_after_forward,
+                           capacity_bytes=capacity_bytes)
         tmp = out / f"rank{rank}.pkl.tmp"
         tmp.write_bytes(pickle.dumps(result))
         tmp.rename(out / f"rank{rank}.pkl")
@@ -269,7 +331,8 @@ def _failure(out: Path, nproc: int, codes: list[int | None]) -> MemplanError:
 def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str = "cpu",
                     steps: int = 2, seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
                     deadline_s: float = DEFAULT_DEADLINE_S,
-                    reshard_after_forward: bool = True) -> list[Measurement]:
+                    reshard_after_forward: bool = True,
+                    capacity_bytes: int | None = None) -> list[Measurement]:
     """Run ``train`` sharded over ``nproc`` real ranks and return each rank's measurement.
 
     Args:
@@ -283,6 +346,8 @@ def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
         timeout_s: Timeout of every collective and of the rendezvous.
         deadline_s: The whole run; past it every rank is stopped.
         reshard_after_forward: FSDP's FULL_SHARD (True) or SHARD_GRAD_OP (False).
+        capacity_bytes: Simulated memory of each rank (CPU tracker); a rank over it reports
+            ``fits=False`` and the bytes it reached.
 
     Returns:
         One :class:`Measurement` per rank, in rank order.
@@ -308,7 +373,7 @@ def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
         out = Path(tmp)
         ctx = mp.start_processes(
             _worker, args=(nproc, store.port, spec, train, device, steps, seed, timeout_s,
-                           reshard_after_forward, tmp),
+                           reshard_after_forward, capacity_bytes, tmp),
             nprocs=nproc, join=False, start_method="spawn")
         try:
             _wait(ctx, out, nproc, time.monotonic() + deadline_s, deadline_s)

@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from memplan.errors import MemplanError
+from memplan.errors import MemplanError, unknown
 from memplan.presets import get_model
 from memplan.profile.matrix import Row, matrix_for, train_of
+from memplan.spec import IMPLS
 from memplan.units import format_bytes
 
 
@@ -193,6 +194,8 @@ def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
 
     from memplan.profile.step import resolve_device
 
+    if impl not in IMPLS:
+        raise unknown("implementation", impl, IMPLS)
     device = resolve_device(device)
     matrix = rows if rows is not None else matrix_for(device, quick, impl)
     name = report_name(device, impl)

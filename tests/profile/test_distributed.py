@@ -97,6 +97,20 @@ def test_fake_shards_are_padded_to_whole_rows():
     assert padded > exact
 
 
+@pytest.mark.parametrize("rows, nproc", [(8, 16), (10, 4), (1024, 1024), (11008, 1024), (7, 3),
+                                         (5, 1)])
+def test_lazy_chunks_are_torch_chunk_padded_with_empties(rows, nproc):
+    from memplan.profile.distributed import _Chunks
+
+    t = torch.randn(rows, 2)
+    ref = list(torch.chunk(t, nproc, 0))
+    ref += [ref[0].new_empty(0)] * (nproc - len(ref))
+    got = _Chunks(t, nproc, 0)
+    assert len(got) == nproc
+    for i in (0, 1 % nproc, nproc // 2, nproc - 1, -1):
+        assert got[i].shape == ref[i].shape and torch.equal(got[i], ref[i])
+
+
 def test_storage_refilled_inside_the_tracker_is_counted():
     """FSDP2 frees unsharded parameters with resize_(0) and refills the same storages."""
     t = torch.empty(1024)
