@@ -29,7 +29,6 @@ import os
 import pickle
 import tempfile
 import time
-from collections.abc import Sequence
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -37,118 +36,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from memplan.errors import MemplanError, OutOfMemory
 from memplan.nn.models import build_model
 from memplan.nn.optim import optimizer_state_tensors
 from memplan.nn.regimes import prepare
-from memplan.profile.fsdp_terms import TermTracker, fsdp_params, fsdp_units
+from memplan.profile.fsdp_terms import TermTracker, fsdp_params
+from memplan.profile.sharding import SHARDABLE_REGIMES, check_sharded, fsdp_facts, shard_model
 from memplan.profile.step import Measurement
 from memplan.spec import ModelSpec, TrainSpec
 
 __all__ = ["SHARDABLE_REGIMES", "INJECT_ENV", "measure_sharded", "measure_fake_sharded",
            "shard_model"]
 
-# Regimes whose trainable parameters all live in the model (so FSDP2 shards and syncs them);
-# "zero" is the full recipe sharded. Heads, adapters and prompts held outside the model would
-# be replicated and never synchronised, so those regimes are refused.
-SHARDABLE_REGIMES = ("zero", "full", "mixed", "lora", "lora-bf16", "bitfit")
 INJECT_ENV = "MEMPLAN_DIST_INJECT"
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT_S = 120.0  # per collective (and the rendezvous)
 DEFAULT_DEADLINE_S = 900.0  # the whole run
 FAILURE_GRACE_S = 2.0  # after a rank fails, how long the others get to report their errors
-
-
-def _check(train: TrainSpec, nproc: int) -> str:
-    """The regime to prepare (``zero`` runs as ``full``), after checking the job."""
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise MemplanError(f"--nproc must be a positive integer, got {nproc!r}")
-    if not train.has_activations:
-        raise MemplanError("profiling runs real steps: give --batch and --seq")
-    if train.regime not in SHARDABLE_REGIMES:
-        raise MemplanError(f"regime {train.regime!r} cannot be measured sharded: its trainable "
-                           f"parameters live outside the model; shardable regimes: "
-                           f"{', '.join(SHARDABLE_REGIMES)}")
-    return "full" if train.regime == "zero" else train.regime
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    for path in ("model.layers", "transformer.h"):
-        with contextlib.suppress(AttributeError):
-            return list(model.get_submodule(path))
-    raise MemplanError(f"cannot find the transformer blocks of a {type(model).__name__}")
-
-
-def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
-    """``fully_shard`` each transformer block, then the root (embeddings, final norm, head).
-
-    ``reshard_after_forward=False`` keeps each block's gathered parameters from its forward to
-    its backward (FSDP's SHARD_GRAD_OP, ZeRO-2-like); the root is never resharded after forward.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    with _lazy_chunks():
-        for block in _blocks(model):
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=mesh)  # FSDP2's default: the root keeps its gathered parameters
-
-
-class _Chunks(Sequence):
-    """``torch.chunk(tensor, n, dim)`` padded with empty tensors to n items, made on access."""
-
-    def __init__(self, tensor: torch.Tensor, num_chunks: int, dim: int) -> None:
-        self.tensor, self.num_chunks, self.dim = tensor, num_chunks, dim
-        self.rows_per_chunk = -(-tensor.size(dim) // num_chunks)  # rows > 0 (see _lazy_chunks)
-
-    def __len__(self) -> int:
-        return self.num_chunks
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.num_chunks))]
-        if i < 0:
-            i += self.num_chunks
-        if not 0 <= i < self.num_chunks:
-            raise IndexError(i)
-        start = i * self.rows_per_chunk
-        rows = self.tensor.size(self.dim)
-        if start >= rows:
-            return self.tensor.new_empty(0)
-        return self.tensor.narrow(self.dim, start, min(self.rows_per_chunk, rows - start))
-
-
-@contextlib.contextmanager
-def _lazy_chunks() -> Any:
-    """Shard without materialising every rank's chunk (minutes at 1024 ranks under fake mode).
-
-    FSDP2's ``_chunk_with_empty`` builds all M chunks of each parameter (``torch.chunk``,
-    padded with one new empty tensor per missing rank) and reads two of them: its own rank's
-    and the first (for the padded size). Under ``FakeTensorMode`` each costs ~0.5 ms, so a 70B
-    model at 1024 ranks spent many minutes there. :class:`_Chunks` gives the same tensors
-    (``torch.chunk``'s sizes: ⌈d0/M⌉ rows, then the rest, then empties) on access only.
-    """
-    try:
-        from torch.distributed.fsdp._fully_shard import _fsdp_param
-    except ImportError:  # pragma: no cover - other torch versions
-        yield
-        return
-    original = getattr(_fsdp_param, "_chunk_with_empty", None)
-    if original is None:  # pragma: no cover
-        yield
-        return
-
-    def chunk_with_empty(tensor: torch.Tensor, num_chunks: int, dim: int) -> Any:
-        if tensor.size(dim) == 0:  # torch.chunk's own rules for empty tensors
-            return original(tensor, num_chunks, dim)
-        return _Chunks(tensor, num_chunks, dim)
-
-    _fsdp_param._chunk_with_empty = chunk_with_empty
-    try:
-        yield
-    finally:
-        _fsdp_param._chunk_with_empty = original
 
 
 def _inject(rank: int) -> None:
@@ -166,26 +71,11 @@ def _inject(rank: int) -> None:
     raise RuntimeError(f"failure injected on rank {rank} by {INJECT_ENV}={spec}")
 
 
-def _fsdp_facts(model: nn.Module) -> dict[str, Any]:
-    """Sizes read from FSDP2's own records (torch 2.13 internals; empty if they moved): each
-    unit's gathered bytes (padded) by module name, and this rank's sharded bytes (padded)."""
-    try:
-        units = {name or "<root>": sum(
-            group.mesh_info.shard_mesh_size * fp.padded_sharded_param_size.numel()
-            * fp.sharded_param.element_size() for fp in group.fsdp_params)
-            for name, group in fsdp_units(model)}
-        sharded = sum(fp._sharded_param_data.numel() * fp._sharded_param_data.element_size()
-                      for fp in fsdp_params(model))
-    except AttributeError:
-        return {}
-    return {"unit_bytes": units, "sharded_param_bytes": sharded}
-
-
 def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc: int,
               device: str, steps: int, seed: int, reshard_after_forward: bool,
               capacity_bytes: int | None = None) -> Measurement:
     """Build, shard, warm up and measure one rank (real or fake, per ``device``)."""
-    regime = _check(train, nproc)
+    regime = check_sharded(train, nproc)
     start = time.perf_counter()
     torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" \
         else torch.device("cpu")
@@ -212,7 +102,7 @@ def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc:
     terms = isinstance(tracker, TermTracker)
     reg = tracker.register_as if terms else (lambda t, c, _term: tracker.register(t, c))
     scopes = tracker.fsdp_scopes() if terms else contextlib.nullcontext()
-    loss = None
+    loss_value = None
     try:
         with tracker, scopes:
             reg(list(model.parameters()), "weights", "sharded_params")
@@ -241,6 +131,9 @@ def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc:
                 _where(tracker, "backward")
                 setup.backward(loss)
                 tracker.mark("backward_end")
+                if device != "fake":
+                    loss_value = float(loss.detach())
+                del loss
                 _where(tracker, "step")
                 setup.step()
                 tracker.mark("step_end")
@@ -254,9 +147,9 @@ def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc:
     if terms:
         extra["terms"] = tracker.peak_terms
         extra["peak_where"] = tracker.peak_where
-    extra.update(_fsdp_facts(model))
-    if device != "fake" and loss is not None:
-        extra["loss"] = float(loss.detach())
+    extra.update(fsdp_facts(model))
+    if loss_value is not None:
+        extra["loss"] = loss_value
     return Measurement(device, tracker.peak_bytes, tracker.peak_components, dict(tracker.marks),
                        setup.num_trainable, time.perf_counter() - start, extra=extra)
 
@@ -356,7 +249,7 @@ def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
         MemplanError: bad input, or a rank that failed, died or timed out (the others are
             stopped first; nothing is left running).
     """
-    _check(train, nproc)
+    check_sharded(train, nproc)
     if steps < 1:
         raise MemplanError(f"--steps must be at least 1, got {steps}")
     if device not in BACKENDS:
@@ -425,7 +318,7 @@ def measure_fake_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, rank: in
     stands for all (ranks differ only by padding of the last shards, which FSDP2 stores padded
     on every rank). Needs no process group to exist in this process already.
     """
-    _check(train, nproc)
+    check_sharded(train, nproc)
     if not 0 <= rank < nproc:
         raise MemplanError(f"rank must be in [0, {nproc}), got {rank}")
     if dist.is_initialized():

@@ -6,20 +6,28 @@ reports, beside the categories, the bytes of each role at the peak (:attr:`peak_
 sum exactly to the peak). The roles (:data:`TERMS`), with their sizes per rank for a model
 sharded over M ranks, a parameter of d0 rows and r elements per row, ``pad(d0) = ⌈d0/M⌉``:
 
-========================  ==========================================================  =========
-term                      what                                                        lifetime
-========================  ==========================================================  =========
-sharded_params            each parameter's local shard, padded: pad(d0)·r elements    always
-buffers                   module buffers (replicated, e.g. rotary inv_freq)           always
-optimizer_states          optimizer state of the shards (and the mixed bf16 grads)    always
-inputs                    the batch (ids, labels)                                     always
-unsharded_params          a unit's all-gathered parameters: M·pad(d0)·r per param     unit
-all_gather_buffers        the flat all-gather output of a unit (M × its shards)       transient
-unsharded_grads           autograd's gradients of the unsharded parameters            unit bwd
-reduce_scatter_input      the unit's gradients copied flat (M·pad(d0)·r per param)    transient
-reduce_scatter_output     the flat reduce-scatter output, until it becomes ``.grad``  transient
-sharded_grads             the sharded gradients (views of a reduce-scatter output)    to step
-========================  ==========================================================  =========
+==========================  =================================================================
+term                        what, and how long FSDP2 (torch 2.13) keeps it
+==========================  =================================================================
+sharded_params              each parameter's local shard, padded: pad(d0)·r elements; always
+buffers                     module buffers (replicated, e.g. rotary inv_freq); always
+optimizer_states            optimizer state of the local shards; always
+inputs                      the batch (ids, labels); always
+unsharded_params            a unit's gathered parameters, M·pad(d0)·r per parameter: the
+                            root's from its forward to the end of backward, a block's from its
+                            pre-forward to its post-forward and again in its backward
+all_gather_buffers          a unit's flat all-gather output (M × its padded shards). Forward:
+                            unit i's lives until unit i+1's copy-out has finished; backward:
+                            the next unit's is prefetched when the current one starts
+unsharded_grads             autograd's gradients of the unsharded parameters, until the unit's
+                            post-backward (the root's: the whole backward)
+reduce_scatter_input        a unit's gradients copied flat (padded); kept until the next
+                            unit's post-backward (one buffer in flight)
+reduce_scatter_output       the flat reduce-scatter output (1/M of the input), until it
+                            becomes the ``.grad`` views (or, mixed, is moved to bf16)
+sharded_grads               the sharded gradients: the fp32 views of reduce-scatter outputs,
+                            or the mixed recipe's bf16 buffers; until zero_grad
+==========================  =================================================================
 
 Storages with no role (the activations autograd saves, the temporaries of the compute) are
 reported under their tracker category. Tags come from wrapping FSDP2's collective helpers

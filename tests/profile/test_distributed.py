@@ -100,7 +100,7 @@ def test_fake_shards_are_padded_to_whole_rows():
 @pytest.mark.parametrize("rows, nproc", [(8, 16), (10, 4), (1024, 1024), (11008, 1024), (7, 3),
                                          (5, 1)])
 def test_lazy_chunks_are_torch_chunk_padded_with_empties(rows, nproc):
-    from memplan.profile.distributed import _Chunks
+    from memplan.profile.sharding import _Chunks
 
     t = torch.randn(rows, 2)
     ref = list(torch.chunk(t, nproc, 0))
