@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -239,7 +239,8 @@ def argv(draw, command: str, files: dict[str, str], early: bool = False):
     json_mode = any(
         kind == "json" and (i == 0 or items[i - 1][0] != "missing")
         for i, (kind, _) in enumerate(items)
-    ) and not any(kind == "help" for kind, _ in items)
+    ) and not any(kind == "help" or kind == "bad" and {"-h", "--help"} & set(tokens)
+                  for kind, tokens in items)
     args = [command] + [token for _, tokens in items for token in tokens]
     return args, json_mode
 
@@ -353,7 +354,8 @@ def safe_for_argv(args: list[str]) -> bool:
 
 
 @settings(max_examples=max(1, int(5 * SCALE)), deadline=None, derandomize=SCALE <= 1,
-          database=None, suppress_health_check=list(HealthCheck))
+          database=None, suppress_health_check=list(HealthCheck),
+          phases=[Phase.explicit, Phase.generate])  # shrinking processes takes minutes
 @given(data=st.data())
 def test_fuzz_real_processes(tmp_path_factory, data) -> None:
     """Ten command lines per example, run as real processes four at a time, with an ASCII

@@ -108,8 +108,8 @@ def apply_peft_lora(model: HFCausalLM, lora: LoraSpec, adapter_fp32: bool = True
     """Wrap ``model.hf`` with PEFT's LoRA on the planner's targets; returns the wrapped names.
 
     PEFT matches module names by suffix, so the targets are the planner's dotted names
-    inside a block (``attn.c_proj`` is attention's, not the MLP's). Adapters are kept in fp32 on a bf16 base
-    (``autocast_adapter_dtype``, PEFT's default).
+    inside a block (``attn.c_proj`` is attention's, not the MLP's). Adapters are kept in fp32
+    on a bf16 base, as PEFT's ``autocast_adapter_dtype`` does.
     """
     try:
         import peft
