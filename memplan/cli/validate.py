@@ -24,13 +24,17 @@ def validate(
     need_torch()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from memplan.errors import MemplanError, unknown
+    from memplan.profile.step import resolve_device
     from memplan.profile.validate import validate as run
     from memplan.report import print_json
+    from memplan.spec import IMPLS
 
     if out.exists() and not out.is_dir():
-        from memplan.errors import MemplanError
-
         raise MemplanError(f"--out {str(out)!r} is a file; give a folder")
+    if impl not in IMPLS:  # checked before the progress bar is drawn
+        raise unknown("implementation", impl, IMPLS)
+    device = resolve_device(device)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=json_out, transient=False) as bar:
         task = bar.add_task("profiling", total=None)
