@@ -182,10 +182,6 @@ class Tape:
                                    self.group, tied))
         return out
 
-    def saved_bytes(self) -> int:
-        """Bytes saved for backward now (checkpointed blocks: their inputs only)."""
-        return sum(self.saved.values())
-
     # ---- backward ------------------------------------------------------------------------
     def backward(self, loss: Sym) -> Moment:
         """Walk the recorded nodes from ``loss``; return the largest moment."""

@@ -27,9 +27,8 @@ from memplan.errors import MemplanError
 from memplan.planner import COMPONENTS, DEFAULT_RESERVE_BYTES, max_batch, plan
 from memplan.presets import GpuSpec, get_gpu, gpus
 from memplan.spec import NOTES_REGIMES, LoraSpec, ModelSpec, TrainSpec
-from memplan.units import format_count
+from memplan.units import format_count, gib
 
-GIB = 2**30
 FORMATS = (".png", ".svg")
 # The notes' six regimes, then the two LoRA variants users reach for on small cards.
 PLOT_REGIMES = (*NOTES_REGIMES, "lora-bf16", "qlora")
@@ -54,10 +53,6 @@ def _figure(ncols: int = 1, width: float = 8.0, height: float = 5.4) -> tuple[An
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols)
     return fig, axes
-
-
-def _gib(n_bytes: int) -> float:
-    return n_bytes / GIB
 
 
 def _job_text(train: TrainSpec) -> str:
@@ -127,7 +122,7 @@ def regimes_figure(train: TrainSpec | None = None, regimes: Sequence[str] = PLOT
     for regime in regimes:
         job = replace(train, regime=regime)
         plans = [plan(shapes[n], job, params=n) for n in ns]
-        ys = [_gib(b.total_bytes) for b in plans]
+        ys = [gib(b.total_bytes) for b in plans]
         formula = next(b.formula for n, b in zip(ns, plans, strict=True) if n == reference)
         if len({b.formula for b in plans}) > 1:
             formula = "≈" + formula
@@ -137,7 +132,7 @@ def regimes_figure(train: TrainSpec | None = None, regimes: Sequence[str] = PLOT
     for gpu in {get_gpu(name).name: get_gpu(name) for name in gpu_names}.values():
         same = [g.name for g in catalogue.values()
                 if g.capacity_bytes == gpu.capacity_bytes and g.name != gpu.name]
-        cap = _gib(gpu.capacity_bytes)
+        cap = gib(gpu.capacity_bytes)
         ax.axhline(cap, color="0.45", lw=0.9, ls="--", zorder=1)
         ax.text(0.01, cap, f" {gpu.name}" + (f" (= {', '.join(same)})" if same else "")
                 + f": {cap:.1f} GiB", transform=ax.get_yaxis_transform(), fontsize=7.5,
@@ -171,18 +166,18 @@ def breakdown_figure(spec: ModelSpec, train: TrainSpec, regimes: Sequence[str] =
     xs = list(range(len(plans)))
     bottoms = [0.0] * len(plans)
     for name in COMPONENTS:
-        heights = [_gib(b.components.get(name, 0)) for b in plans]
+        heights = [gib(b.components.get(name, 0)) for b in plans]
         if not any(heights):
             continue
         ax.bar(xs, heights, bottom=bottoms, width=0.65, color=COLORS[name],
                label=name.replace("_", " "))
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
     for x, b in zip(xs, plans, strict=True):
-        ax.annotate(f"{_gib(b.total_bytes):.1f}", (x, _gib(b.total_bytes)), ha="center",
+        ax.annotate(f"{gib(b.total_bytes):.1f}", (x, gib(b.total_bytes)), ha="center",
                     va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     if gpu is not None:
         device = _gpu(gpu)
-        ax.axhline(_gib(device.capacity_bytes), color="0.3", ls="--", lw=1,
+        ax.axhline(gib(device.capacity_bytes), color="0.3", ls="--", lw=1,
                    label=f"{device.name} capacity")
     ax.set_xticks(xs, [f"{b.regime}\n{b.formula}" for b in plans], fontsize=8)
     ax.set(ylabel="peak memory per GPU (GiB)",
@@ -228,7 +223,7 @@ def rank_figure(spec: ModelSpec, train: TrainSpec, ranks: Sequence[int] = DEFAUL
             xs.append(rank)
             ms.append(m / 1e6)
             job = replace(train, regime=regime, lora=lora)
-            mem.append(_gib(plan(spec, job, params).total_bytes))
+            mem.append(gib(plan(spec, job, params).total_bytes))
         if xs:
             left.plot(xs, ms, marker="o", ms=3, label=targets)
             right.plot(xs, mem, marker="o", ms=3, label=targets)
@@ -279,8 +274,8 @@ def batch_figure(spec: ModelSpec, train: TrainSpec, gpu: str | GpuSpec, axis: st
     device = _gpu(gpu)
     usable = device.capacity_bytes - reserve_bytes
     if usable <= 0:
-        raise MemplanError(f"the reserve {_gib(reserve_bytes):.2f} GiB leaves nothing of "
-                           f"{device.name}'s {_gib(device.capacity_bytes):.2f} GiB")
+        raise MemplanError(f"the reserve {gib(reserve_bytes):.2f} GiB leaves nothing of "
+                           f"{device.name}'s {gib(device.capacity_bytes):.2f} GiB")
     job = replace(train, batch=train.batch or DEFAULT_BATCH, seq=train.seq or DEFAULT_SEQ)
     best = {}
     for regime in regimes:
@@ -294,7 +289,7 @@ def batch_figure(spec: ModelSpec, train: TrainSpec, gpu: str | GpuSpec, axis: st
     what = "batch" if axis == "batch" else "sequence"
     for regime in regimes:
         run = replace(job, regime=regime)
-        ys = [_gib(plan(spec, replace(run, **{axis: x}), params).total_bytes) for x in xs]
+        ys = [gib(plan(spec, replace(run, **{axis: x}), params).total_bytes) for x in xs]
         b = best[regime]
         label = f"{regime}: largest {what} that fits {b}" if b else \
             f"{regime}: not even {axis} 1 fits"
@@ -302,14 +297,14 @@ def batch_figure(spec: ModelSpec, train: TrainSpec, gpu: str | GpuSpec, axis: st
             label += f" (all {b} learned positions)"
         (line,) = ax.plot(xs, ys, marker="o", ms=2.5, label=label)
         if b:
-            y = _gib(plan(spec, replace(run, **{axis: b}), params).total_bytes)
+            y = gib(plan(spec, replace(run, **{axis: b}), params).total_bytes)
             ax.plot([b], [y], marker="*", ms=13, color=line.get_color(), mec="k", mew=0.6,
                     ls="none")
             ax.annotate(f"{axis} {b}", (b, y), xytext=(4, -12), textcoords="offset points",
                         fontsize=8)
-    ax.axhline(_gib(usable), color="0.2", ls="--", lw=1,
-               label=f"{device.name}: {_gib(device.capacity_bytes):.2f} GiB − "
-                     f"{_gib(reserve_bytes):.2f} GiB reserve")
+    ax.axhline(gib(usable), color="0.2", ls="--", lw=1,
+               label=f"{device.name}: {gib(device.capacity_bytes):.2f} GiB − "
+                     f"{gib(reserve_bytes):.2f} GiB reserve")
     fixed = (f"seq {job.seq}" if axis == "batch" else f"batch {job.batch}") \
         + (", checkpointing" if job.checkpointing else "")
     if axis == "seq":
@@ -366,8 +361,8 @@ def validation_figure(rows: list[dict] | str | Path, title: str | None = None) -
     done = [r for r in rows if r.get("relative_error") is not None]
     if not done:
         raise MemplanError("no finished rows to plot")
-    measured = [r["measured_bytes"] / GIB for r in done]
-    predicted = [r["predicted_bytes"] / GIB for r in done]
+    measured = [gib(r["measured_bytes"]) for r in done]
+    predicted = [gib(r["predicted_bytes"]) for r in done]
     lo, hi = min(measured + predicted) * 0.8, max(measured + predicted) * 1.25
     xs = [lo, hi]
     ax.fill_between(xs, [x * 0.97 for x in xs], [x * 1.03 for x in xs], color="0.85",

@@ -136,8 +136,6 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
         symbols["M"] = new
         symbols["E"] = trainable - new  # the embeddings trained beside the adapters
 
-    if regime_shards(train.regime) and gpus > 1 and train.regime == "zero":
-        pass
     regime = train.regime
     if regime in ("full", "zero"):
         s = _OPT_STATE_FP32[opt]
@@ -189,8 +187,3 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
         backprop_backbone=regime != "classifier",
         symbols=symbols,
     )
-
-
-def regime_shards(regime: str) -> bool:
-    """Whether the regime shards states over GPUs."""
-    return regime in ("zero", "zero1", "zero2", "zero3")
