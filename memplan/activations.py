@@ -17,6 +17,7 @@ The eager path adds the s² score matrices; frozen weights drop the inputs only 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from memplan import ops
 from memplan import params as P
@@ -66,18 +67,19 @@ LORA_REGIMES = ("lora", "lora-bf16", "qlora")
 
 
 def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
-                     runtime: str = "cuda") -> ActivationPlan:
+                     runtime: str = "cuda", fsdp: Any = None) -> ActivationPlan:
     """Run one forward pass symbolically, then its backward; report both peaks.
 
     ``runtime``: ``cuda`` plans a real run; ``cpu`` and ``fake`` plan a run measured by
     memplan's tracker (CPU kernels keep dropout masks in the input's dtype, and any active
-    TorchDispatchMode makes autograd add gradients out of place).
+    TorchDispatchMode makes autograd add gradients out of place). ``fsdp``: a
+    :class:`memplan.fsdp.Schedule` when the model is sharded; its buffers join every moment.
     """
     assert train.batch is not None and train.seq is not None
     regime = train.regime
     tape = Tape(dropout_mask_bytes=1 if runtime == "cuda" else None,
-                param_grads_temporary=regime == "mixed",
-                inplace_accumulation=runtime == "cuda")
+                param_grads_temporary=regime == "mixed" and fsdp is None,
+                inplace_accumulation=runtime == "cuda", fsdp=fsdp)
     prompt = train.prompt_tokens if regime == "prompt-tuning" else 0
     lora = regime in LORA_REGIMES
     job = _Job(spec, train, train.batch, train.seq + prompt, state.compute_bytes,
@@ -88,6 +90,7 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
 
     batch = tape.new(2 * b * train.seq, INT64, False)  # input ids and labels
     tape.pin(batch)
+    tape.begin_forward()
     ids = tape.view(batch, numel=b * train.seq)
     embed_rg = job.full or (lora and train.lora.train_embeddings)
     tied = embed_rg and spec.tie_embeddings
@@ -130,13 +133,15 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
 
     ckpt = train.checkpointing
     for i in range(spec.num_layers):
+        tape.enter_block(i, x)
         if ckpt:  # non-reentrant checkpoint: keeps the block's inputs, recomputes the rest
             tape.begin_group(i, [x, *rope])
         x_in, x = x, _block(tape, job, x, rope)
-        if x_in not in held:
-            tape.free(x_in)
         if ckpt:
             tape.end_group()
+        tape.exit_block(i)
+        if x_in not in held:
+            tape.free(x_in)
 
     if spec.norm == "layernorm":
         hidden = ops.layernorm(tape, x, tokens, h, job.full or job.bitfit)
@@ -157,6 +162,7 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     else:
         loss = ops.cross_entropy(tape, logits, tokens, v, target)
     tape.free(logits)
+    tape.end_forward()
     notes = ("checkpointing: each block is recomputed in backward",) if ckpt else ()
     return ActivationPlan(tape.forward_peak, tape.backward(loss), notes)
 

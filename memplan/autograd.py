@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 FP32, INT64, BOOL = 4, 8, 1
 ALIAS = -1  # an input's gradient is the node's own incoming gradient (add, view, copy)
@@ -56,6 +57,7 @@ class Node:
     scratch: int = 0               # bytes allocated and freed inside its backward
     group: int | None = None       # the checkpointed block it belongs to
     tied: bool = False             # its parameter gradient is for a tied embedding
+    unit: int = -1                 # the block it belongs to (-1: none, the FSDP root)
 
 
 @dataclass(eq=False)
@@ -71,10 +73,11 @@ class Moment:
     activations: int = 0
     gradients: int = 0
     temporaries: int = 0
+    weights: int = 0  # gathered parameters and all-gather buffers (FSDP)
 
     @property
     def total(self) -> int:
-        return self.activations + self.gradients + self.temporaries
+        return self.activations + self.gradients + self.temporaries + self.weights
 
 
 @dataclass
@@ -87,6 +90,9 @@ class Tape:
     ``inplace_accumulation``: autograd adds a second gradient into an unshared first one in
     place (``InputBuffer::accumulate``); under any TorchDispatchMode (memory trackers,
     FakeTensorMode) ``at::isTensorSubclassLike`` is true and every sum is out of place.
+    ``fsdp``: a :class:`memplan.fsdp.Schedule` whose buffers join every moment; the forward
+    marks the blocks (:meth:`enter_block`, :meth:`exit_block`) and the backward fires the
+    units' pre- and post-backward at their boundaries.
     """
 
     dropout_mask_bytes: int | None = BOOL
@@ -102,6 +108,9 @@ class Tape:
     _ids: itertools.count = field(default_factory=itertools.count)
     _hold: list[Sym] = field(default_factory=list)
     _union: int = 0
+    fsdp: Any = None
+    unit: int = -1
+    block_input_rg: dict[int, bool] = field(default_factory=dict)
 
     # ---- building ----------------------------------------------------------------------
     def new(self, numel: int, itemsize: int, rg: bool) -> Sym:
@@ -142,9 +151,35 @@ class Tape:
                 self._union -= t.held
 
     def _check(self) -> None:
-        if self._union > self.forward_peak.total:
+        weights = self.fsdp.weights if self.fsdp is not None else 0
+        if self._union + weights > self.forward_peak.total:
             kept = sum(self.saved.values())
-            self.forward_peak = Moment(kept, 0, self._union - kept)
+            self.forward_peak = Moment(kept, 0, self._union - kept, weights)
+
+    # ---- FSDP units: the root around the whole forward, each block inside it -------------
+    def begin_forward(self) -> None:
+        """The model is called (its root unit gathers)."""
+        if self.fsdp is not None:
+            self.fsdp.check = self._check
+            self.fsdp.pre_forward(-1)
+
+    def enter_block(self, i: int, x: Sym) -> None:
+        """Block ``i`` starts, on input ``x``; its nodes belong to unit ``i``."""
+        self.unit = i
+        self.block_input_rg[i] = x.rg
+        if self.fsdp is not None:
+            self.fsdp.pre_forward(i)
+
+    def exit_block(self, i: int) -> None:
+        """Block ``i`` returned."""
+        self.unit = -1
+        if self.fsdp is not None:
+            self.fsdp.post_forward(i)
+
+    def end_forward(self) -> None:
+        """The model returned the loss."""
+        if self.fsdp is not None:
+            self.fsdp.forward_end()
 
     def begin_group(self, group: int, inputs: list[Sym]) -> None:
         """Start a checkpointed block: only ``inputs`` are kept, by its first node."""
@@ -179,7 +214,7 @@ class Tape:
                 saved = saves + self._hold  # checkpoint keeps the block inputs until here
                 self._hold = []
             self.nodes.append(Node(outputs or [out], inputs, saved, param_grad, scratch,
-                                   self.group, tied))
+                                   self.group, tied, self.unit))
         return out
 
     # ---- backward ------------------------------------------------------------------------
@@ -196,10 +231,13 @@ class Tape:
         tied_pending = 0
         materialised: set[int] = set()
         peak = Moment()
+        fsdp = self.fsdp
 
         def check(extra: int = 0) -> None:
             nonlocal peak
-            now = Moment(sum(live.values()), params, grads + extra + tied_pending)
+            sharded = (fsdp.grads, fsdp.weights) if fsdp is not None else (0, 0)
+            now = Moment(sum(live.values()), params + sharded[0],
+                         grads + extra + tied_pending, sharded[1])
             if now.total > peak.total:
                 peak = now
 
@@ -210,10 +248,12 @@ class Tape:
                 grads -= g.nbytes
 
         check()
+        units = _Units(self, fsdp, check)
         for node in reversed(self.nodes):
             incoming = [buffers.pop(id(out)) for out in node.outputs if id(out) in buffers]
             if not incoming:
                 continue  # no gradient reached it: nothing below needs one
+            units.reach(node.unit)
             if node.group is not None and node.group not in materialised:
                 materialised.add(node.group)
                 live.update(self.deferred[node.group])  # recomputed for backward
@@ -234,9 +274,12 @@ class Tape:
             elif node.tied:  # the embedding: its gradient, added into the head's
                 check(node.scratch + grad_p * (1 if self.inplace_accumulation else 2))
                 tied_pending = 0
-            params += grad_p
+            if fsdp is not None:
+                fsdp.param_grad(node.unit, grad_p)
+            else:
+                params += grad_p
             check(node.scratch + (len(incoming) < len(node.outputs)) * missing)
-            if self.param_grads_temporary:
+            if self.param_grads_temporary and fsdp is None:
                 params -= grad_p
             for g in incoming:
                 release(g)
@@ -258,4 +301,46 @@ class Tape:
                     release(old)
                     release(g)
                     buffers[id(t)] = _Grad(t.nbytes)
+        units.finish()
         return peak
+
+
+@dataclass
+class _Units:
+    """Fires FSDP's pre- and post-backward as the backward walk crosses block boundaries.
+
+    A block's post-backward runs once its input's gradient is complete, i.e. when the walk
+    leaves it; a block whose input needs no gradient (LoRA's first) waits for the final
+    callback, after the root's.
+    """
+
+    tape: Tape
+    fsdp: Any
+    check: Any
+    current: int | None = None
+    pending: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.fsdp is not None:
+            self.fsdp.check = self.check
+            self.fsdp.backward_start()
+
+    def _leave(self) -> None:
+        if self.current is not None and self.current >= 0:
+            if self.tape.block_input_rg.get(self.current, True):
+                self.fsdp.post_backward(self.current)
+            else:
+                self.pending.append(self.current)
+
+    def reach(self, unit: int) -> None:
+        if self.fsdp is None or unit == self.current:
+            return
+        self._leave()
+        if unit >= 0:
+            self.fsdp.pre_backward(unit)
+        self.current = unit
+
+    def finish(self) -> None:
+        if self.fsdp is not None:
+            self._leave()
+            self.fsdp.backward_end(self.pending)

@@ -19,8 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from memplan import activations as A
+from memplan import fsdp as F
 from memplan import optimizer as O
 from memplan import params as P
+from memplan.errors import MemplanError
 from memplan.regimes import ModelState, model_state
 from memplan.spec import ModelSpec, TrainSpec
 
@@ -72,15 +74,19 @@ RUNTIMES = ("cuda", "cpu", "fake")
 
 
 def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
-         runtime: str = "cuda") -> Breakdown:
+         runtime: str = "cuda", rank: int = 0) -> Breakdown:
     """Plan the peak memory per GPU of one training step of ``train`` on ``spec``.
 
     ``params`` overrides N in the model states (``estimate --params``). ``runtime`` is where
     the step runs: ``cuda`` (a real run, the default) or ``cpu``/``fake`` (measured by
     memplan's tracker, where two things differ: CPU dropout masks have the input's dtype, and
-    with a TorchDispatchMode active autograd sums gradients out of place).
+    with a TorchDispatchMode active autograd sums gradients out of place). A sharded job
+    (:func:`memplan.fsdp.is_sharded`) is planned for GPU ``rank`` of ``train.gpus``; rank 0
+    holds the most (the last ranks' shards are padding).
     """
     state = model_state(spec, train, params)
+    if F.is_sharded(train):
+        return _plan_sharded(spec, train, state, runtime, rank)
     states = {"weights": state.weights_bytes + P.buffer_bytes(spec),
               "optimizer_states": state.optimizer_states_bytes + O.step_counter_bytes(spec, train),
               "master_weights": state.master_weights_bytes}
@@ -113,6 +119,48 @@ def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
         model_state_bytes=state.total_bytes, symbols=state.symbols,
         activations_included=train.has_activations, notes=tuple(notes),
     )
+
+
+def _plan_sharded(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str,
+                  rank: int) -> Breakdown:
+    """Per rank of FSDP2: the step-long shards and states, and the forward and backward
+    walked with the units' gather and reduce-scatter buffers (:mod:`memplan.fsdp`)."""
+    m = train.gpus
+    if not 0 <= rank < m:
+        raise MemplanError(f"rank must be in [0, {m}), got {rank}")
+    rs = F.rank_states(spec, train, m, rank)
+    states = {"weights": rs.weights + P.buffer_bytes(spec),
+              "optimizer_states": rs.optimizer_states}
+    phases = {"step": _phase(**states, gradients=rs.persistent_grads + rs.sharded_grads,
+                             temporaries=rs.step_temporaries)}
+    sched = F.schedule(spec, train, m)
+    how = F.strategy(train)
+    notes = [f"per GPU: rank {rank} of {m}, FSDP {how} (each block one unit, the root last)"]
+    if train.has_activations:
+        act = A.plan_activations(spec, train, state, runtime, fsdp=sched)
+        for name, moment in (("forward", act.forward), ("backward", act.backward)):
+            phases[name] = _phase(weights=states["weights"] + moment.weights,
+                                  optimizer_states=states["optimizer_states"],
+                                  gradients=rs.persistent_grads + moment.gradients,
+                                  activations=moment.activations,
+                                  temporaries=moment.temporaries)
+        notes.extend(act.notes)
+    else:
+        weights, grads = F.replay(sched)
+        phases["gather"] = _phase(weights=states["weights"] + weights,
+                                  optimizer_states=states["optimizer_states"],
+                                  gradients=rs.persistent_grads + grads)
+        notes.append("activations excluded: give --batch and --seq to plan them")
+    peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
+    components = phases[peak_phase]
+    formula = state.formula if train.regime == "zero" else f"({state.formula}) ÷ {m} GPUs"
+    symbols = {k: v for k, v in state.symbols.items() if not (k == "M" and train.regime == "zero")}
+    return Breakdown(
+        regime=train.regime, formula=formula, total_bytes=sum(components.values()),
+        components=components, peak_phase=peak_phase, phases=phases,
+        model_state_bytes=sum(states.values()) + rs.persistent_grads + rs.sharded_grads,
+        symbols=symbols | {"GPUs": m}, activations_included=train.has_activations,
+        notes=tuple(notes))
 
 
 def _largest_itemsize(state: ModelState) -> int:

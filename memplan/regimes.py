@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from memplan import params as P
 from memplan.errors import MemplanError
+from memplan.fsdp import check_shardable
 from memplan.spec import ModelSpec, TrainSpec
 
 # Bytes per trainable element of the optimizer state (fp32 unless the mixed recipe says bf16).
@@ -115,6 +116,7 @@ def check_job(spec: ModelSpec, train: TrainSpec) -> None:
     """Refuse combinations that no implementation runs (one clear line each)."""
     if train.lora_backend == "peft" and train.impl != "hf":
         raise MemplanError("--lora-backend peft wraps Hugging Face models; add --impl hf")
+    check_shardable(train)
     if (train.impl == "hf" and spec.family == "gpt2" and train.lora_backend == "memplan"
             and train.regime in ("lora", "lora-bf16", "qlora")):
         raise MemplanError("Hugging Face GPT-2 uses Conv1D layers, which memplan's LoRALinear "

@@ -24,6 +24,7 @@ ATTENTIONS = ("sdpa", "eager", "flash")
 MAX_JOB_SIZE = 2**24
 IMPLS = ("memplan", "hf")          # whose model code runs: memplan's reference models or HF's
 LORA_BACKENDS = ("memplan", "peft")
+SHARDS = ("none", "full-shard", "shard-grad-op")  # FSDP's FULL_SHARD and SHARD_GRAD_OP
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class TrainSpec:
 
     ``batch`` is the micro-batch per GPU. Without ``batch`` and ``seq`` the plan holds model
     states only (the notes' formulas) and says that activations are excluded.
+
+    ``gpus`` (M) and ``shard``: regime ``zero`` and any regime with ``shard`` set are planned
+    per rank of FSDP over M GPUs (``zero`` alone means FULL_SHARD); other regimes hold
+    everything on every GPU (data parallel). One GPU shards nothing.
     """
 
     regime: str = "full"
@@ -131,6 +136,7 @@ class TrainSpec:
     attention: str = "sdpa"
     impl: str = "memplan"
     lora_backend: str = "memplan"
+    shard: str = "none"
 
     def __post_init__(self) -> None:
         checks = (
@@ -140,6 +146,7 @@ class TrainSpec:
             ("optimizer", self.optimizer, OPTIMIZERS),
             ("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS),
             ("attention", self.attention, ATTENTIONS),
+            ("sharding", self.shard, SHARDS),
         )
         for what, value, choices in checks:
             if value not in choices:
