@@ -209,6 +209,13 @@ def rank_states(spec: ModelSpec, train: TrainSpec, m: int, rank: int) -> RankSta
     )
 
 
+def scaled(states: RankStates, n: int, shape_n: int) -> RankStates:
+    """``states`` of a shape with ``shape_n`` parameters, scaled to ``n`` (``--params``)."""
+    return RankStates(*(v * n // shape_n for v in (
+        states.weights, states.optimizer_states, states.persistent_grads,
+        states.sharded_grads, states.step_temporaries)))
+
+
 ROOT = -1  # the root unit's index; blocks are 0 .. L-1
 
 

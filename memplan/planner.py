@@ -86,7 +86,7 @@ def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
     """
     state = model_state(spec, train, params)
     if F.is_sharded(train):
-        return _plan_sharded(spec, train, state, runtime, rank)
+        return _plan_sharded(spec, train, state, runtime, rank, params)
     states = {"weights": state.weights_bytes + P.buffer_bytes(spec),
               "optimizer_states": state.optimizer_states_bytes + O.step_counter_bytes(spec, train),
               "master_weights": state.master_weights_bytes}
@@ -122,13 +122,19 @@ def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
 
 
 def _plan_sharded(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str,
-                  rank: int) -> Breakdown:
+                  rank: int, params: int | None) -> Breakdown:
     """Per rank of FSDP2: the step-long shards and states, and the forward and backward
-    walked with the units' gather and reduce-scatter buffers (:mod:`memplan.fsdp`)."""
+    walked with the units' gather and reduce-scatter buffers (:mod:`memplan.fsdp`).
+
+    ``params`` (N given without a shape) scales the step-long states by N over the shape's
+    count; the gather buffers and activations come from the shape.
+    """
     m = train.gpus
-    if not 0 <= rank < m:
-        raise MemplanError(f"rank must be in [0, {m}), got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < m:
+        raise MemplanError(f"rank must be in [0, {m}), got {rank!r}")
     rs = F.rank_states(spec, train, m, rank)
+    if params:
+        rs = F.scaled(rs, params, P.count_params(spec))
     states = {"weights": rs.weights + P.buffer_bytes(spec),
               "optimizer_states": rs.optimizer_states}
     phases = {"step": _phase(**states, gradients=rs.persistent_grads + rs.sharded_grads,
@@ -158,7 +164,8 @@ def _plan_sharded(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime:
     return Breakdown(
         regime=train.regime, formula=formula, total_bytes=sum(components.values()),
         components=components, peak_phase=peak_phase, phases=phases,
-        model_state_bytes=sum(states.values()) + rs.persistent_grads + rs.sharded_grads,
+        # the notes' formula: 16N/M for zero, the regime's model states over M otherwise
+        model_state_bytes=state.total_bytes if train.regime == "zero" else state.total_bytes // m,
         symbols=symbols | {"GPUs": m}, activations_included=train.has_activations,
         notes=tuple(notes))
 

@@ -64,7 +64,7 @@ def architecture_dict(spec) -> dict:
     return asdict(spec)
 
 
-def estimate_table(title: str, rows: list[tuple[Breakdown, list[str]]]) -> Table:
+def estimate_table(title: str, rows: list[tuple[str, Breakdown, list[str]]]) -> Table:
     """One row per regime: formula, total, breakdown and the GPUs it fits on."""
     table = Table(title=title, title_justify="left", show_lines=False)
     table.add_column("regime", style="bold")
@@ -72,8 +72,8 @@ def estimate_table(title: str, rows: list[tuple[Breakdown, list[str]]]) -> Table
     table.add_column("peak", justify="right")
     table.add_column("breakdown at the peak")
     table.add_column("fits on")
-    for b, gpus in rows:
-        table.add_row(b.regime, b.formula, format_bytes(b.total_bytes), breakdown_text(b),
+    for label, b, gpus in rows:
+        table.add_row(label, b.formula, format_bytes(b.total_bytes), breakdown_text(b),
                       fits_text(gpus))
     return table
 

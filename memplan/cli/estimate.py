@@ -22,11 +22,14 @@ def estimate(
     impl: o.ModelImpl = "memplan", lora_backend: o.LoraBackend = "memplan",
     regime: Annotated[list[str] | None, typer.Option(
         "--regime", help="Only these regimes (repeatable); default: all of them.")] = None,
+    shard: o.Shard = "none",
     reserve: o.Reserve = None, json_out: o.Json = False,
 ) -> None:
     """Plan every training regime: the notes' formula, the peak, its breakdown, the GPUs it fits.
 
-    Without --batch and --seq the plan holds model states only (activations excluded).
+    Without --batch and --seq the plan holds model states only (activations excluded). With
+    --gpus M > 1, zero is FSDP per GPU (gather buffers included) and the mixed recipe and LoRA
+    are shown sharded too; --shard shards every regime that FSDP can.
     """
     from memplan.params import bias_params, count_params, lora_params
     from memplan.planner import plan
@@ -52,12 +55,12 @@ def estimate(
     m = lora_params(job.spec, job.train.lora)
     catalogue = gpu_catalogue()
     rows, results = [], {}
-    for name in wanted:
-        breakdown = plan(job.spec, replace(job.train, regime=name), job.params)
+    for label, train in _variants(job.train, wanted, shard):
+        breakdown = plan(job.spec, train, job.params)
         fits_on = [g.name for g in catalogue.values()
                    if breakdown.total_bytes + reserve_bytes <= g.capacity_bytes]
-        rows.append((breakdown, fits_on))
-        results[name] = breakdown.to_dict() | {"fits_on": fits_on}
+        rows.append((label, breakdown, fits_on))
+        results[label] = breakdown.to_dict() | {"fits_on": fits_on}
     if json_out:
         print_json({"params": n, "lora_params": m, "assumed": job.assumed,
                     "architecture": architecture_dict(job.spec),
@@ -73,9 +76,31 @@ def estimate(
     else:
         out.print("[yellow]activations excluded[/yellow]: model states only, the notes' "
                   "formulas; add --batch and --seq to plan activations")
+    if gpus > 1:
+        out.print(f"over {gpus} GPUs: zero and the '· {shard if shard != 'none' else 'full-shard'}'"
+                  " rows are FSDP per GPU (rank 0, the fullest); the others replicate the "
+                  "model on every GPU")
     out.print(estimate_table(f"peak memory per GPU ({optimizer}, {optimizer_impl})", rows))
     out.print(f"fits on: after a runtime reserve of {reserve_bytes / 2**30:.2f} GiB per GPU "
               "(--reserve); see `memplan gpus` for capacities")
+
+
+def _variants(train, wanted: list[str], shard: str) -> list[tuple[str, object]]:
+    """(label, TrainSpec) of each row: every wanted regime; over several GPUs, FSDP variants
+    of the mixed recipe and LoRA beside them (or, with --shard, every shardable regime
+    sharded in place)."""
+    from memplan.fsdp import SHARDABLE_REGIMES
+
+    rows = []
+    for name in wanted:
+        plain = replace(train, regime=name)
+        if shard != "none" and name in SHARDABLE_REGIMES and name != "zero":
+            rows.append((f"{name} · {shard}", replace(plain, shard=shard)))
+            continue
+        rows.append((name, replace(plain, shard=shard if name == "zero" else "none")))
+        if train.gpus > 1 and shard == "none" and name in ("mixed", "lora"):
+            rows.append((f"{name} · full-shard", replace(plain, shard="full-shard")))
+    return rows
 
 
 def _train_dict(train) -> dict:

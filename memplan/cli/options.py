@@ -26,6 +26,10 @@ TrainEmb = Annotated[bool, typer.Option(
 Batch = Annotated[int | None, typer.Option("--batch", "-b", help="Micro-batch per GPU.")]
 Seq = Annotated[int | None, typer.Option("--seq", "-s", help="Sequence length in tokens.")]
 Gpus = Annotated[int, typer.Option("--gpus", help="M, the GPUs that ZeRO/FSDP shard over.")]
+Shard = Annotated[str, typer.Option(
+    "--shard", help="FSDP over --gpus for this regime: none, full-shard (FULL_SHARD, "
+    "ZeRO-3-like) or shard-grad-op (SHARD_GRAD_OP: blocks stay gathered from forward to "
+    "backward). Regime zero is full-shard already.")]
 Classes = Annotated[int, typer.Option("--classes", help="Classes of the classifier head.")]
 Prompt = Annotated[int, typer.Option("--prompt-tokens", help="Soft-prompt tokens P.")]
 Optim = Annotated[str, typer.Option("--optimizer", help="adamw, sgd or sgd-momentum.")]
@@ -96,14 +100,15 @@ def make_job(params: str | None, model: str | None, config: Path | None, *, regi
              gpus: int = 1, classes: int = 2, prompt_tokens: int = 20, optimizer: str = "adamw",
              optimizer_impl: str = "fused", checkpointing: bool = False,
              attention: str = "sdpa", impl: str = "memplan",
-             lora_backend: str = "memplan") -> Job:
+             lora_backend: str = "memplan", shard: str = "none") -> Job:
     """Validate the options and build the job (every bad value raises MemplanError)."""
     spec, n, assumed = resolve_model(params, model, config)
     train = make_train(regime=regime, rank=rank, alpha=alpha, targets=targets,
                        train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                        classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                        optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                       attention=attention, impl=impl, lora_backend=lora_backend)
+                       attention=attention, impl=impl, lora_backend=lora_backend,
+                       shard=shard)
     if seq is not None and spec.learned_positions and seq > spec.max_positions:
         raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
                            f"{spec.name}; use --seq {spec.max_positions} or less")
@@ -115,7 +120,7 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
                gpus: int = 1, classes: int = 2, prompt_tokens: int = 20,
                optimizer: str = "adamw", optimizer_impl: str = "fused",
                checkpointing: bool = False, attention: str = "sdpa", impl: str = "memplan",
-               lora_backend: str = "memplan") -> TrainSpec:
+               lora_backend: str = "memplan", shard: str = "none") -> TrainSpec:
     """The TrainSpec of the job options alone, for commands where the model is optional."""
     if isinstance(gpus, int) and gpus < 1:
         raise MemplanError(f"--gpus must be at least 1, got {gpus}")
@@ -124,7 +129,7 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
         lora=LoraSpec(rank=rank, alpha=alpha, targets=targets, train_embeddings=train_embeddings),
         num_classes=classes, prompt_tokens=prompt_tokens, gpus=gpus, optimizer=optimizer,
         optimizer_impl=optimizer_impl, checkpointing=checkpointing, attention=attention,
-        impl=impl, lora_backend=lora_backend,
+        impl=impl, lora_backend=lora_backend, shard=shard,
     )
 
 
