@@ -109,3 +109,28 @@ def profile_table(result: Any) -> Table:
     table.caption = (f"plan peaks at {pred.peak_phase.replace('_', ' ')}; "
                      f"measured in {meas.wall_seconds:.1f} s")
     return table
+
+
+def sharded_table(result: Any) -> Table:
+    """Every measured rank of an FSDP run: plan, measurement, error, where each peaks."""
+    train = result.train
+    worst = result.worst_relative_error
+    title = (f"{result.spec.name} · {train.regime} · FSDP {train.shard} over {result.nproc} "
+             f"ranks · batch {train.batch} × seq {train.seq} per rank on "
+             f"{result.ranks[0].measured.device}: "
+             + (f"worst error {100 * worst:+.2f}%" if worst is not None else "does not fit"))
+    table = Table(title=title, title_justify="left")
+    for col in ("rank", "planned", "measured", "error", "plan peaks at", "measured peak at"):
+        table.add_column(col, justify="right" if col in ("planned", "measured", "error")
+                         else "left")
+    for r in result.ranks:
+        err, m = r.relative_error, r.measured
+        table.add_row(str(m.extra.get("rank", "?")), format_bytes(r.predicted.total_bytes),
+                      format_bytes(m.peak_bytes) if m.fits else f"≥ {format_bytes(m.peak_bytes)}",
+                      "n/a" if err is None else f"{100 * err:+.3f}%", r.predicted.peak_phase,
+                      str(m.extra.get("peak_where", "")))
+    shown = len(result.ranks)
+    table.caption = ("every rank measured" if shown == result.nproc else
+                     f"ranks 0 (the fullest) and {result.nproc - 1} (the emptiest) measured; "
+                     "every other rank's local shards lie between theirs")
+    return table

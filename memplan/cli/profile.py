@@ -41,9 +41,20 @@ def profile(
     capacity: Annotated[str | None, typer.Option(
         "--capacity", help="Simulate a device of this size, e.g. 24GiB: a run whose live "
         "tensors outgrow it stops and reports 'does not fit' (exit 1).")] = None,
+    nproc: Annotated[int | None, typer.Option(
+        "--nproc", help="Shard with FSDP2 over this many ranks: processes on gloo (cpu), one "
+        "per GPU on NCCL (cuda), or the fake process group in one process (fake, any number)."
+        )] = None,
+    shard: o.Shard = "none",
+    gpus: Annotated[int | None, typer.Option(
+        "--gpus", help="The GPUs planned; with --nproc it must be the same number.")] = None,
     json_out: o.Json = False,
 ) -> None:
-    """Build the model, apply the regime, run real steps, and compare the peak with the plan."""
+    """Build the model, apply the regime, run real steps, and compare the peak with the plan.
+
+    With --nproc N, the model is sharded with FSDP2 (fully_shard per block, then the root)
+    over N ranks and every rank's peak is held against that rank's plan.
+    """
     from memplan.errors import MemplanError
     from memplan.units import parse_bytes
 
@@ -52,12 +63,23 @@ def profile(
                      classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                      attention=attention, impl=impl,
-                     lora_backend=lora_backend)
+                     lora_backend=lora_backend, shard=shard)
+    if gpus is not None and gpus != (nproc or 1):
+        raise MemplanError(f"--gpus {gpus} does not match --nproc {nproc or 1}: a profile plans "
+                           "the ranks it runs; give the same number (or only --nproc)")
+    if nproc is not None and nproc < 1:
+        raise MemplanError(f"--nproc must be at least 1, got {nproc}")
+    sharded = nproc is not None and nproc > 1
+    if shard != "none" and not sharded:
+        raise MemplanError(f"--shard {shard} needs ranks to shard over: add --nproc 2 or more")
     if not 1 <= steps <= MAX_STEPS:
         raise MemplanError(f"--steps must be 1 to {MAX_STEPS}, got {steps}; the peak is "
                            "steady after one step")
     capacity_bytes = None if capacity is None else parse_bytes(capacity, "--capacity")
     need_torch()
+    if sharded:
+        _profile_sharded(job, nproc, device, steps, capacity_bytes, json_out)
+        return
     from memplan.profile.compare import profile as run
     from memplan.report import console, print_json, profile_table
 
@@ -67,4 +89,19 @@ def profile(
     else:
         console().print(profile_table(result))
     if not result.measured.fits:
+        raise typer.Exit(1)
+
+
+def _profile_sharded(job, nproc: int, device: str, steps: int, capacity_bytes: int | None,
+                     json_out: bool) -> None:
+    from memplan.profile.compare import profile_sharded
+    from memplan.report import console, print_json, sharded_table
+
+    result = profile_sharded(job.spec, job.train, nproc, device=device, steps=steps,
+                             capacity_bytes=capacity_bytes)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        console().print(sharded_table(result))
+    if not result.fits:
         raise typer.Exit(1)

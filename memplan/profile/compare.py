@@ -101,3 +101,123 @@ def check_runnable(predicted: Breakdown, device: str) -> None:
         raise MemplanError(f"--device cpu would need about {format_bytes(need)} (the plan), "
                            f"more than this machine's {format_bytes(host)} of memory; use "
                            "--device fake, or a smaller --batch or --seq")
+
+
+# -- sharded runs: every rank of FSDP2 against its own plan --------------------------------------
+MAX_FAKE_RANKS = 2**16  # one process stands for them all; FSDP2's records grow with M
+CPU_RANKS_PER_CORE = 8  # beyond this, oversubscribed gloo ranks crawl toward their timeouts
+RANK_PROCESS_BYTES = 600 * 2**20  # a CPU rank's own process: the interpreter, torch, gloo
+
+
+@dataclass(frozen=True)
+class ShardedResult:
+    """Each measured rank of one FSDP2 job beside the plan of that rank."""
+
+    spec: ModelSpec
+    train: TrainSpec
+    ranks: tuple[ProfileResult, ...]
+
+    @property
+    def nproc(self) -> int:
+        return self.train.gpus
+
+    @property
+    def worst(self) -> ProfileResult:
+        """The rank whose plan is furthest from its measurement (a rank that did not fit
+        first)."""
+        def key(r: ProfileResult) -> float:
+            err = r.relative_error
+            return float("inf") if err is None else abs(err)
+        return max(self.ranks, key=key)
+
+    @property
+    def worst_relative_error(self) -> float | None:
+        return self.worst.relative_error
+
+    @property
+    def fits(self) -> bool:
+        return all(r.measured.fits for r in self.ranks)
+
+    def to_dict(self) -> dict:
+        """One JSON object: the job, each rank (plan, measurement, error), the worst error."""
+        return {
+            "device": self.ranks[0].measured.device, "model": self.spec.name,
+            "regime": self.train.regime, "nproc": self.nproc, "shard": self.train.shard,
+            "ranks": [{"rank": r.measured.extra.get("rank", i)} | {
+                k: v for k, v in r.to_dict().items() if k not in ("device", "model", "regime")}
+                for i, r in enumerate(self.ranks)],
+            "worst_relative_error": self.worst_relative_error,
+        }
+
+
+def sharded_job(train: TrainSpec, nproc: int) -> TrainSpec:
+    """The job as ``nproc`` FSDP ranks run it: ``gpus = nproc``, FULL_SHARD unless asked."""
+    from dataclasses import replace
+
+    return replace(train, gpus=nproc, shard="full-shard" if train.shard == "none"
+                   else train.shard)
+
+
+def check_nproc(nproc: int, device: str) -> None:
+    """``--nproc`` within what this machine can run (one clear line otherwise)."""
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise MemplanError(f"--nproc must be a positive integer, got {nproc!r}")
+    if device == "cpu":
+        cores = os.cpu_count() or 1
+        if nproc > CPU_RANKS_PER_CORE * cores:
+            raise MemplanError(f"--nproc {nproc} is more gloo processes than this machine's "
+                               f"{cores} CPU cores can keep in step (at most "
+                               f"{CPU_RANKS_PER_CORE * cores}); use --device fake for more ranks")
+    elif device == "cuda":
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise MemplanError(f"--nproc {nproc} needs {nproc} GPUs, this machine has {gpus}; "
+                               "use --device fake to dry-run more ranks")
+    elif nproc > MAX_FAKE_RANKS:
+        raise MemplanError(f"--nproc {nproc} is beyond {MAX_FAKE_RANKS:,} fake ranks")
+
+
+def profile_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str = "auto",
+                    steps: int = 2, capacity_bytes: int | None = None) -> ShardedResult:
+    """Run ``train`` with FSDP2 over ``nproc`` ranks and hold every rank against its plan.
+
+    ``cpu``: real processes on gloo; ``cuda``: one process per GPU on NCCL; ``fake``: the
+    fake process group in this process, measuring the first and the last rank (the others
+    hold what one of them holds, their shards being the same padded size).
+    """
+    from memplan.profile.distributed import measure_fake_sharded, measure_sharded
+    from memplan.profile.sharding import check_sharded
+
+    device = resolve_device(device)
+    if train.impl != "memplan":
+        raise MemplanError("sharded runs use memplan's reference models; drop --impl hf")
+    check_nproc(nproc, device)
+    check_sharded(train, nproc)
+    job = sharded_job(train, nproc)
+    plans = {r: plan(spec, job, runtime=device, rank=r) for r in sorted({0, nproc - 1})}
+    check_runnable_ranks(plans[0], device, nproc)
+    raf = job.shard != "shard-grad-op"
+    if device == "fake":
+        measured = [measure_fake_sharded(spec, job, nproc, rank=r, steps=steps,
+                                         reshard_after_forward=raf,
+                                         capacity_bytes=capacity_bytes) for r in plans]
+    else:
+        measured = measure_sharded(spec, job, nproc, device=device, steps=steps,
+                                   reshard_after_forward=raf, capacity_bytes=capacity_bytes)
+    results = []
+    for i, m in enumerate(measured):
+        rank = m.extra.get("rank", i)
+        predicted = plans.get(rank) or plan(spec, job, runtime=device, rank=rank)
+        results.append(ProfileResult(spec, job, predicted, m))
+    return ShardedResult(spec, job, tuple(results))
+
+
+def check_runnable_ranks(predicted: Breakdown, device: str, nproc: int) -> None:
+    """Refuse a sharded CPU run whose ranks together would exhaust this machine's memory."""
+    check_runnable(predicted, device)
+    host = host_memory_bytes() if device == "cpu" else None
+    need = (predicted.total_bytes + RANK_PROCESS_BYTES) * nproc
+    if host and need > host:
+        raise MemplanError(f"{nproc} CPU ranks would need about {format_bytes(need)} (the "
+                           f"plan and each rank's process), more than this machine's {format_bytes(host)}; use "
+                           "--device fake, fewer --nproc, or a smaller --batch or --seq")

@@ -17,15 +17,13 @@ import torch
 from torch import nn
 
 from memplan.errors import MemplanError
+from memplan.fsdp import SHARDABLE_REGIMES
 from memplan.profile.fsdp_terms import fsdp_params, fsdp_units
 from memplan.spec import TrainSpec
 
 __all__ = ["SHARDABLE_REGIMES", "check_sharded", "shard_model", "fsdp_facts"]
 
-# Regimes whose trainable parameters all live in the model (so FSDP2 shards and syncs them);
-# "zero" is the full recipe sharded. Heads, adapters and prompts held outside the model would
-# be replicated and never synchronised, so those regimes are refused.
-SHARDABLE_REGIMES = ("zero", "full", "mixed", "lora", "lora-bf16", "bitfit")
+
 
 
 def check_sharded(train: TrainSpec, nproc: int) -> str:
