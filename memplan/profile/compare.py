@@ -219,5 +219,6 @@ def check_runnable_ranks(predicted: Breakdown, device: str, nproc: int) -> None:
     need = (predicted.total_bytes + RANK_PROCESS_BYTES) * nproc
     if host and need > host:
         raise MemplanError(f"{nproc} CPU ranks would need about {format_bytes(need)} (the "
-                           f"plan and each rank's process), more than this machine's {format_bytes(host)}; use "
-                           "--device fake, fewer --nproc, or a smaller --batch or --seq")
+                           f"plan and each rank's process), more than this machine's "
+                           f"{format_bytes(host)}; use --device fake, fewer --nproc, or a "
+                           "smaller --batch or --seq")
