@@ -62,7 +62,8 @@ class _Job:
 
 
 
-FULL_REGIMES = ("full", "mixed", "zero", "zero1", "zero2", "zero3")
+PAPER_STAGES = ("zero1", "zero2", "zero3")  # fp16 parameters and gradients (the ZeRO paper)
+FULL_REGIMES = ("full", "mixed", "zero", *PAPER_STAGES)
 LORA_REGIMES = ("lora", "lora-bf16", "qlora")
 
 
@@ -78,7 +79,10 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     assert train.batch is not None and train.seq is not None
     regime = train.regime
     tape = Tape(dropout_mask_bytes=1 if runtime == "cuda" else None,
-                param_grads_temporary=regime == "mixed" and fsdp is None,
+                # the mixed recipe's hooks move each gradient out at once, and so do ZeRO-2
+                # and -3 (reduce-scattered bucket by bucket) into their sharded buffers
+                param_grads_temporary=regime in ("mixed", "zero2", "zero3") and fsdp is None,
+                grad_itemsize=state.compute_bytes if regime in PAPER_STAGES else FP32,
                 inplace_accumulation=runtime == "cuda", fsdp=fsdp)
     prompt = train.prompt_tokens if regime == "prompt-tuning" else 0
     lora = regime in LORA_REGIMES

@@ -97,6 +97,7 @@ class Tape:
 
     dropout_mask_bytes: int | None = BOOL
     param_grads_temporary: bool = False
+    grad_itemsize: int = FP32  # of parameter gradients (fp16 in the ZeRO paper's stages)
     inplace_accumulation: bool = True
     saved: dict[int, int] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
@@ -213,6 +214,7 @@ class Tape:
             if self._hold and self.group is not None:
                 saved = saves + self._hold  # checkpoint keeps the block inputs until here
                 self._hold = []
+            param_grad = param_grad * self.grad_itemsize // FP32
             self.nodes.append(Node(outputs or [out], inputs, saved, param_grad, scratch,
                                    self.group, tied, self.unit))
         return out

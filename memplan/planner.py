@@ -96,19 +96,26 @@ def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
     # only until its hook moves it; every other regime frees gradients at
     # zero_grad(set_to_none=True) before the forward.
     mixed = train.regime == "mixed"
-    persistent_grads = state.gradients_bytes if mixed else 0
+    # ZeRO-2 and -3 reduce-scatter each gradient bucket into a sharded buffer that stays.
+    persistent_grads = state.gradients_bytes if mixed or train.regime in ("zero2", "zero3") \
+        else 0
+    gather = _zero3_gather_bytes(spec, train)
     phases = {"step": _phase(**states, gradients=state.gradients_bytes, temporaries=step_tmp)}
     notes: list[str] = []
     if train.has_activations:
         act = A.plan_activations(spec, train, state, runtime)
-        phases["forward"] = _phase(**states, gradients=persistent_grads,
+        states_w = states | {"weights": states["weights"] + gather}
+        phases["forward"] = _phase(**states_w, gradients=persistent_grads,
                                    activations=act.forward.activations,
                                    temporaries=act.forward.temporaries)
         moment = act.backward
-        phases["backward"] = _phase(**states, gradients=persistent_grads + moment.gradients,
+        phases["backward"] = _phase(**states_w, gradients=persistent_grads + moment.gradients,
                                     activations=moment.activations,
                                     temporaries=moment.temporaries)
         notes.extend(act.notes)
+        if gather:
+            notes.append("zero3: two blocks gathered in fp16 (the one computing and the one "
+                         "prefetched), DeepSpeed's pattern; not measured by memplan")
     else:
         notes.append("activations excluded: give --batch and --seq to plan them")
     peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
@@ -119,6 +126,15 @@ def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
         model_state_bytes=state.total_bytes, symbols=state.symbols,
         activations_included=train.has_activations, notes=tuple(notes),
     )
+
+
+def _zero3_gather_bytes(spec: ModelSpec, train: TrainSpec) -> int:
+    """ZeRO-3 (the paper's stage, DeepSpeed) gathers each module's fp16 parameters as it
+    computes and prefetches the next: two of the largest unit, a block or the embeddings."""
+    if train.regime != "zero3" or train.gpus == 1:
+        return 0
+    largest = max(P.block_params(spec), P.embedding_params(spec))
+    return 2 * 2 * largest
 
 
 def _plan_sharded(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str,

@@ -134,3 +134,23 @@ def sharded_table(result: Any) -> Table:
                      f"ranks 0 (the fullest) and {result.nproc - 1} (the emptiest) measured; "
                      "every other rank's local shards lie between theirs")
     return table
+
+
+def scale_table(results: list[Any], capacity_bytes: int, reserve_bytes: int) -> Table:
+    """Per-GPU plan of each regime at each GPU count, green where it fits."""
+    table = Table(title="per-GPU peak (rank 0) by number of GPUs M", title_justify="left")
+    table.add_column("M", justify="right")
+    for r in results:
+        table.add_column(r.regime, justify="right")
+    table.add_column("16N/M", justify="right")
+    counts = list(results[0].plans) if results else []
+    for m in counts:
+        cells = []
+        for r in results:
+            b = r.plans[m]
+            ok = b.total_bytes + reserve_bytes <= capacity_bytes
+            cells.append(f"[{'green' if ok else 'red'}]{format_bytes(b.total_bytes)}[/]")
+        n = results[0].plans[m].symbols.get("N", 0)
+        table.add_row(str(m), *cells, format_bytes(16 * n // m))
+    table.caption = "green: fits with the reserve; red: does not"
+    return table

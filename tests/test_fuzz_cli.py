@@ -28,14 +28,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from memplan.cli.app import load_commands
-from memplan.spec import ATTENTIONS, OPTIMIZER_IMPLS, OPTIMIZERS, REGIMES
+from memplan.spec import ATTENTIONS, OPTIMIZER_IMPLS, OPTIMIZERS, REGIMES, SHARDS
 
 APP = load_commands()
 GROUP = typer.main.get_command(APP)
 COMMANDS = tuple(GROUP.commands)
 SCALE = float(os.environ.get("MEMPLAN_FUZZ_SCALE", "1"))
 CASES = {"estimate": 1400, "fits": 1100, "gpus": 150, "models": 150, "profile": 300,
-         "validate": 80, "plot": 200}
+         "validate": 80, "plot": 200, "scale": 300}
 HEAVY = ("profile", "validate", "plot")  # commands whose valid cases run models or draw
 EXIT_ONE = ("fits", "profile")  # exit 1 is their "does not fit"
 COUNT = {"cases": 0}  # reported by test_fuzz_counts
@@ -119,7 +119,7 @@ def pools(command: str, name: str, files: dict[str, str]) -> tuple[list[str], li
         "attention": (list(ATTENTIONS), ["magic", ""]),
         "impl": (["memplan"] + ([] if heavy else ["hf"]), ["x", ""]),
         "lora_backend": (["memplan"] + ([] if heavy else ["peft"]), ["x", ""]),
-        "regime": (list(REGIMES), ["nope", "", "LORA", "zero4"]),
+        "regime": (list(REGIMES), ["nope", "", "LORA", "zero4"]),  # scale refuses some: exit 2
         "reserve": (SIZES_OK + ["0"], SIZES_BAD),
         "memory": (SIZES_OK, SIZES_BAD + ["0"]),
         "capacity": (SIZES_OK, SIZES_BAD + ["0"]),
@@ -134,6 +134,12 @@ def pools(command: str, name: str, files: dict[str, str]) -> tuple[list[str], li
         "report": ([files["report.json"]], [files["missing"], files["bad.json"],
                                             files["array.json"], files["folder"], ""]),
         "axis": (["batch", "seq"], ["rank", ""]),
+        # profile's ranks stay in this process (1: unsharded); scale searches up to max_gpus
+        "nproc": (["1"], ["0", "-1", "100000", "x", ""]),
+        "shard": ((["full-shard", "shard-grad-op"] if command == "scale" else list(SHARDS)),
+                  ["x", "", "FULL", "none" if command == "scale" else "zero"]),
+        "max_gpus": (["8", "64", "1024"], INT_BAD),
+        "per_node": (["1", "4", "8"], INT_BAD),
         "kind": (["regimes", "breakdown", "rank", "batch", "validation"],
                  ["nope", "", "REGIMES"]),
     }
@@ -150,7 +156,7 @@ def values(command: str, name: str, files: dict[str, str]) -> st.SearchStrategy[
 
 
 MODEL_SOURCES = ("params", "model", "config")
-REQUIRED = {"fits": [("gpu", "memory")], "plot": [("out",)]}
+REQUIRED = {"fits": [("gpu", "memory")], "scale": [("gpu", "memory")], "plot": [("out",)]}
 
 
 # Values that make a heavy command fail before it runs anything (appended last, so they win

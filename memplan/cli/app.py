@@ -52,6 +52,6 @@ def main() -> None:
 
 def load_commands() -> typer.Typer:
     """Import every command module (for tests using CliRunner) and return the app."""
-    from memplan.cli import catalog, estimate, fits, plot, profile, validate  # noqa: F401
+    from memplan.cli import catalog, estimate, fits, plot, profile, scale, validate  # noqa: F401
 
     return app
