@@ -18,6 +18,9 @@ def validate(
     quick: Annotated[bool, typer.Option("--quick", help="A few rows only.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Folder for the report.")] = Path("reports"),
     impl: o.ModelImpl = "memplan",
+    sharded: Annotated[bool, typer.Option(
+        "--sharded", help="The FSDP2 rows instead: real gloo ranks (cpu) or 7B and 70B over "
+        "8 to 1024 fake ranks (fake, which also writes reports/scaling.*).")] = False,
     json_out: o.Json = False,
 ) -> None:
     """Profile a matrix of jobs against their plans; write reports/validation-<device>.*"""
@@ -34,6 +37,8 @@ def validate(
         raise MemplanError(f"--out {str(out)!r} is a file; give a folder")
     if impl not in IMPLS:  # checked before the progress bar is drawn
         raise unknown("implementation", impl, IMPLS)
+    if sharded and impl != "memplan":
+        raise MemplanError("--sharded runs memplan's reference models; drop --impl hf")
     device = resolve_device(device)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=json_out, transient=False) as bar:
@@ -45,7 +50,8 @@ def validate(
                        description=f"{row['model']} {row['regime']} "
                                    f"{'n/a' if err is None else f'{100 * err:+.2f}%'}")
         try:
-            paths, summary = run(device, quick=quick, out_dir=out, on_row=on_row, impl=impl)
+            paths, summary = run(device, quick=quick, out_dir=out, on_row=on_row, impl=impl,
+                                 sharded=sharded)
         except KeyboardInterrupt:
             typer.echo("interrupted: the finished rows are in the report", err=True)
             raise typer.Exit(130) from None

@@ -128,14 +128,41 @@ HF_FAKE_MATRIX: list[Row] = [
 ]
 
 
+# FSDP2 (issue 6): ``gpus`` is the number of ranks. Real gloo processes for both reference
+# architectures, full (zero), mixed and LoRA over 2 and 4 ranks, plus SHARD_GRAD_OP, a bf16
+# base, checkpointing and the foreach optimizer; then 7B and 70B over 8 to 1024 fake ranks.
+FSDP_CPU_MATRIX: list[Row] = [
+    (m, dict(regime=r, batch=2, seq=64, gpus=n)) for m in ("llama-tiny", "gpt2-tiny")
+    for r in ("zero", "mixed", "lora") for n in (2, 4)
+] + [
+    ("llama-tiny", dict(regime="lora", batch=2, seq=128, gpus=2, shard="shard-grad-op")),
+    ("gpt2-tiny", dict(regime="zero", batch=2, seq=64, gpus=2, shard="shard-grad-op")),
+    ("llama-tiny", dict(regime="lora-bf16", batch=4, seq=64, gpus=3)),
+    ("gpt2-tiny", dict(regime="zero", batch=2, seq=128, gpus=2, checkpointing=True,
+                       optimizer_impl="foreach")),
+    ("llama-tiny", dict(regime="lora", batch=2, seq=256, gpus=4, checkpointing=True,
+                        attention="eager")),
+]
+FSDP_FAKE_MATRIX: list[Row] = [
+    (m, dict(regime=r, batch=1, seq=512, gpus=n))
+    for m, regimes in (("llama-2-7b", ("zero", "mixed", "lora")), ("llama-2-70b", ("zero", "lora")))
+    for r in regimes for n in (8, 64, 1024)
+]
+
+
 def train_of(kw: dict) -> TrainSpec:
     """The TrainSpec of a row."""
     return replace(TrainSpec(), **kw)
 
 
-def matrix_for(device: str, quick: bool, impl: str = "memplan") -> list[Row]:
+def matrix_for(device: str, quick: bool, impl: str = "memplan",
+               sharded: bool = False) -> list[Row]:
     """The rows for a device: the tiny CPU matrix (cpu, cuda) or the 7B-class one (fake);
-    with ``impl="hf"``, those of Hugging Face models."""
+    with ``impl="hf"``, those of Hugging Face models; with ``sharded``, the FSDP rows."""
+    if sharded:
+        if device == "fake":
+            return FSDP_FAKE_MATRIX[:2] if quick else FSDP_FAKE_MATRIX
+        return [FSDP_CPU_MATRIX[0], FSDP_CPU_MATRIX[-1]] if quick else FSDP_CPU_MATRIX
     if impl == "hf":
         rows = HF_FAKE_MATRIX if device == "fake" else HF_CPU_MATRIX
         return rows[:3] if quick else rows

@@ -27,7 +27,7 @@ from memplan.units import format_bytes
 def _options(kw: dict) -> str:
     parts = []
     for key, value in kw.items():
-        if key == "regime":
+        if key in ("regime", "gpus", "shard"):
             continue
         if key == "lora":
             parts.append(f"r={value.rank} {value.targets}")
@@ -48,6 +48,8 @@ def run_row(model: str, kw: dict, device: str, steps: int = 2,
     # Rows run without dropout unless they ask for it (``changes``): the presets' configs
     # carry GPT-2's pre-training dropout, and fine-tuning recipes usually switch it off.
     spec = dataclasses.replace(get_model(model), **({"dropout": 0.0} | (changes or {})))
+    if kw.get("gpus", 1) > 1:
+        return _sharded_row(model, spec, kw, device, steps)
     result = profile(spec, train_of(kw), device=device, steps=steps)
     label = model + "".join(f" {k}={v}" for k, v in (changes or {}).items()
                             if k != "model_type") if changes else model
@@ -67,6 +69,33 @@ def run_row(model: str, kw: dict, device: str, steps: int = 2,
             "wall_seconds": round(result.measured.wall_seconds, 2)}
 
 
+def _sharded_row(model: str, spec, kw: dict, device: str, steps: int) -> dict:
+    """An FSDP row: every measured rank against its plan; the worst rank stands for the row."""
+    from memplan.profile.compare import profile_sharded
+
+    nproc = kw["gpus"]
+    train = train_of({k: v for k, v in kw.items() if k != "gpus"})
+    result = profile_sharded(spec, train, nproc, device=device, steps=steps)
+    worst = result.worst
+    return {"model": model, "regime": kw["regime"], "nproc": nproc,
+            "shard": result.train.shard,
+            "options": _options(kw) + f" ×{nproc} {result.train.shard}",
+            "predicted_bytes": worst.predicted.total_bytes,
+            "measured_bytes": worst.measured.peak_bytes,
+            "relative_error": worst.relative_error,
+            "predicted_components": worst.predicted.components,
+            "measured_components": worst.measured.components,
+            "peak_phase": worst.predicted.peak_phase,
+            "ranks": [{"rank": r.measured.extra.get("rank"),
+                       "predicted_bytes": r.predicted.total_bytes,
+                       "measured_bytes": r.measured.peak_bytes,
+                       "relative_error": r.relative_error,
+                       "measured_peak_at": r.measured.extra.get("peak_where", "")}
+                      for r in result.ranks],
+            "notes_bytes": worst.predicted.model_state_bytes,  # the notes' formula over M
+            "wall_seconds": round(max(r.measured.wall_seconds for r in result.ranks), 2)}
+
+
 def summarise(rows: list[dict]) -> dict:
     """Median and maximum |error|, and how many rows are within 1% and 3%."""
     errors = [abs(r["relative_error"]) for r in rows if r.get("relative_error") is not None]
@@ -83,9 +112,11 @@ def _write_error(path: Path, exc: OSError) -> MemplanError:
                         "any, is unchanged")
 
 
-def report_name(device: str, impl: str = "memplan") -> str:
-    """validation-<device>, or validation-hf-<device> for Hugging Face models."""
-    return f"validation-{'hf-' if impl == 'hf' else ''}{device}"
+def report_name(device: str, impl: str = "memplan", sharded: bool = False) -> str:
+    """validation-<device>, validation-hf-<device> for Hugging Face models, or
+    validation-fsdp-<device> for the sharded rows."""
+    prefix = "fsdp-" if sharded else "hf-" if impl == "hf" else ""
+    return f"validation-{prefix}{device}"
 
 
 def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict,
@@ -174,6 +205,21 @@ def markdown(doc: dict) -> str:
                      f"{format_bytes(r['predicted_bytes'])} | {format_bytes(r['measured_bytes'])}"
                      f" | {'n/a' if err is None else f'{100 * err:+.3f}%'} | {r['peak_phase']} | "
                      f"{r['wall_seconds']:.1f} s |")
+    if any("ranks" in r for r in doc["rows"]):
+        lines += ["", "## Every measured rank", "",
+                  "Each rank's peak against the plan of that rank (rank 0 owns the most rows of "
+                  "every parameter; the last rank the fewest). Fake-process-group rows measure "
+                  "ranks 0 and M−1.", "",
+                  "| model | regime | options | rank | predicted | measured | error | "
+                  "measured peak at |", "|---|---|---|---:|---:|---:|---:|---|"]
+        for r in doc["rows"]:
+            for k in r.get("ranks", []):
+                err = k["relative_error"]
+                lines.append(f"| {r['model']} | {r['regime']} | {r['options']} | {k['rank']} | "
+                             f"{format_bytes(k['predicted_bytes'])} | "
+                             f"{format_bytes(k['measured_bytes'])} | "
+                             f"{'n/a' if err is None else f'{100 * err:+.4f}%'} | "
+                             f"{k['measured_peak_at']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,9 +233,9 @@ def _versus(estimate: int | None, measured: int) -> str:
 def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
              rows: list[Row] | None = None,
              on_row: Callable[[int, int, dict], None] | None = None,
-             impl: str = "memplan") -> tuple[list[Path], dict]:
-    """Run the matrix for ``device`` (of Hugging Face models with ``impl="hf"``) and write
-    the report; returns (paths, summary)."""
+             impl: str = "memplan", sharded: bool = False) -> tuple[list[Path], dict]:
+    """Run the matrix for ``device`` (of Hugging Face models with ``impl="hf"``, of FSDP
+    jobs with ``sharded``) and write the report; returns (paths, summary)."""
     import torch
 
     from memplan.profile.step import resolve_device
@@ -197,8 +243,10 @@ def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
     if impl not in IMPLS:
         raise unknown("implementation", impl, IMPLS)
     device = resolve_device(device)
-    matrix = rows if rows is not None else matrix_for(device, quick, impl)
-    name = report_name(device, impl)
+    if sharded and impl != "memplan":
+        raise MemplanError("sharded rows run memplan's reference models; drop --impl hf")
+    matrix = rows if rows is not None else matrix_for(device, quick, impl, sharded)
+    name = report_name(device, impl, sharded)
     partial = out_dir / f".{name}.partial.jsonl"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -223,7 +271,7 @@ def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
     finally:
         status = "complete" if complete else f"INTERRUPTED after {len(done)} of {len(matrix)} rows"
         meta = {"command": "memplan validate --device " + device + (" --quick" if quick else "")
-                + (" --impl hf" if impl == "hf" else ""),
+                + (" --impl hf" if impl == "hf" else "") + (" --sharded" if sharded else ""),
                 "date": time.strftime("%Y-%m-%d"), "platform": platform.platform(terse=True),
                 "torch": torch.__version__, "complete": complete, "status": status,
                 "elapsed_seconds": time.perf_counter() - start,
@@ -233,6 +281,10 @@ def validate(device: str, quick: bool = False, out_dir: Path = Path("reports"),
             meta["extra"]["peak RSS of the whole run"] = format_bytes(meta["max_rss_bytes"])
         if done:
             paths = write_report(done, device, out_dir, meta, name)
+            if sharded and device == "fake":
+                from memplan.profile.scaling_report import write_scaling_report
+
+                paths += write_scaling_report(done, out_dir, meta)
         else:
             paths = []
         if complete:
