@@ -41,6 +41,9 @@ COMMANDS = [
     (["fits", "--params", "abc", "--gpu", "t4"], 2),
     (["gpus"], 0),
     (["models", "--json"], 0),
+    (["estimate", "--model", "llama-2-7b", "--gpus", "8", "--batch", "1", "--seq", "512"], 0),
+    (["scale", "--model", "llama-2-70b", "--gpu", "h100-80gb", "--json"], 0),
+    (["scale", "--model", "llama-2-7b", "--gpu", "t4", "--regime", "classifier"], 2),
 ]
 
 

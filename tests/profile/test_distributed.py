@@ -157,3 +157,16 @@ def test_a_hanging_rank_times_out(monkeypatch):
                         nproc=2, timeout_s=5, deadline_s=120)
     assert time.perf_counter() - start < 90
     assert not multiprocessing.active_children()
+
+
+def test_gloo_ranks_match_their_plans(gloo_full):
+    """Every real rank against the plan of that rank (memplan/fsdp.py), to a few bytes."""
+    from dataclasses import replace
+
+    from memplan.planner import plan
+
+    spec = get_model("gpt2-tiny")
+    job = replace(JOB, gpus=2, shard="full-shard")
+    for m in gloo_full:
+        planned = plan(spec, job, runtime="cpu", rank=m.extra["rank"])
+        assert abs(planned.total_bytes - m.peak_bytes) <= 1e-5 * m.peak_bytes
