@@ -19,7 +19,7 @@ from memplan.errors import MemplanError
 from memplan.params import count_params
 from memplan.planner import plan
 from memplan.presets import get_model
-from memplan.spec import LoraSpec, TrainSpec
+from memplan.spec import TrainSpec
 
 LLAMA = get_model("llama-tiny")  # h 256, 4 layers, vocab 4096, intermediate 688, 4 kv heads
 JOB = TrainSpec(regime="zero", batch=2, seq=64, gpus=2)

@@ -115,11 +115,11 @@ def figure(data: dict) -> Any:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(data), figsize=(6.2 * len(data), 4.8), squeeze=False)
-    for ax, (model, entry) in zip(axes[0], data.items()):
+    for ax, (model, entry) in zip(axes[0], data.items(), strict=True):
         ms = list(GPU_COUNTS)
         ax.plot(ms, [entry["notes_16N_over_M"][m] / 2**30 for m in ms], "k--", lw=1.2,
                 label="16N/M (the notes)")
-        for regime, color in zip(REGIMES, ("tab:blue", "tab:orange", "tab:green")):
+        for regime, color in zip(REGIMES, ("tab:blue", "tab:orange", "tab:green"), strict=True):
             ax.plot(ms, [entry["plan"][regime][m] / 2**30 for m in ms], color=color, lw=2,
                     label=f"{regime}: plan")
             points = sorted(entry["measured"][regime].items())
