@@ -19,7 +19,8 @@ def fits(
         "--memory", help="Capacity instead of --gpu, e.g. 24GiB or 80GB.")] = None,
     rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
-    gpus: o.Gpus = 1, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
+    gpus: o.Gpus = 1, shard: o.Shard = "none", classes: o.Classes = 2,
+    prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
     impl: o.ModelImpl = "memplan", lora_backend: o.LoraBackend = "memplan",
@@ -27,7 +28,9 @@ def fits(
 ) -> None:
     """Answer yes (exit 0) or no (exit 1): does the job fit on one GPU, with what headroom.
 
-    With --seq, also the largest batch that fits (give --seq alone to search it).
+    With --seq, also the largest batch that fits (give --seq alone to search it). With
+    --gpus M and --shard (or regime zero), the GPU is one rank of FSDP over M: rank 0, the
+    fullest.
     """
     from memplan.errors import MemplanError
     from memplan.planner import fits as check
@@ -50,7 +53,7 @@ def fits(
                      prompt_tokens=prompt_tokens, optimizer=optimizer,
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                      attention=attention, impl=impl,
-                     lora_backend=lora_backend)
+                     lora_backend=lora_backend, shard=shard)
     result = check(job.spec, job.train, capacity, o.parse_reserve(reserve), job.params)
     if json_out:
         print_json(result.to_dict() | {"gpu": label, "assumed": job.assumed})

@@ -183,17 +183,22 @@ def markdown(doc: dict) -> str:
     lines += ["", f"![predicted vs measured]({doc.get('name', 'validation-' + doc['device'])}"
               ".png)"]
     if any("notes_bytes" in r for r in doc["rows"]):
+        accelerate = any("accelerate_bytes" in r for r in doc["rows"])
+        keys = ("notes_bytes", "accelerate_bytes", "predicted_bytes") if accelerate else \
+            ("notes_bytes", "predicted_bytes")
         lines += ["", "## The same jobs, as other estimates see them", "",
                   "Each against the measured peak: the notes' model-state formula (no "
-                  "activations), Accelerate's training estimate (its own "
-                  "`estimate_training_usage` on the same model: no batch, sequence, LoRA or "
-                  "checkpointing), and memplan's plan.", "",
-                  "| model | regime | options | measured | notes' formula | Accelerate | memplan |",
-                  "|---|---|---|---:|---:|---:|---:|"]
+                  "activations" + (", and over M GPUs simply divided by M: no gather buffers)"
+                                   if not accelerate else ")")
+                  + (", Accelerate's training estimate (its own `estimate_training_usage` on "
+                     "the same model: no batch, sequence, LoRA or checkpointing)"
+                     if accelerate else "") + ", and memplan's plan.", "",
+                  "| model | regime | options | measured | notes' formula | "
+                  + ("Accelerate | " if accelerate else "") + "memplan |",
+                  "|---|---|---|---:|---:|" + ("---:|" if accelerate else "") + "---:|"]
         for r in doc["rows"]:
             m = r["measured_bytes"]
-            cells = [_versus(r.get(k), m) for k in ("notes_bytes", "accelerate_bytes",
-                                                     "predicted_bytes")]
+            cells = [_versus(r.get(k), m) for k in keys]
             lines.append(f"| {r['model']} | {r['regime']} | {r['options']} | {format_bytes(m)} | "
                          + " | ".join(cells) + " |")
         lines += ["", "## Rows"]
