@@ -14,8 +14,8 @@ and rank k owns rows ``[k·pad, min((k+1)·pad, d0))``. Per rank, then:
 - gradients: the unsharded ones autograd makes in a unit's backward, the flat reduce-scatter
   input (U of the trainable parameters), its 1/M output that becomes the sharded gradient.
 
-The events, read from FSDP2 (torch 2.11 to 2.13) and checked on its allocations
-(``memplan profile --nproc``):
+The events, read from FSDP2's code (torch 2.13) and checked allocation by allocation on its
+runs (``memplan profile --nproc``, ``memplan validate --sharded``):
 
 - forward: the root gathers first and keeps its parameters to the end of backward. Block i's
   pre-forward all-gathers (+buffer), copies out (+U), and only then frees the previous unit's

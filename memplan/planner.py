@@ -12,6 +12,10 @@ occur and reports the largest:
 - ``step``: weights, gradients, optimizer states and the optimizer's own temporaries.
 
 Without batch and sequence length only the model states are planned (the notes' formulas).
+A job sharded with FSDP (:mod:`memplan.fsdp`) is planned per GPU: the padded shards, and the
+units' gathered parameters and reduce-scatter buffers joined to every moment of the forward
+and backward walk (without batch and sequence length: the ``gather`` phase, the units'
+events replayed with no activations).
 """
 
 from __future__ import annotations

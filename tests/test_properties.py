@@ -17,12 +17,14 @@ from hypothesis import strategies as st
 
 from memplan import params as P
 from memplan.errors import MemplanError
+from memplan.fsdp import SHARDABLE_REGIMES
 from memplan.planner import COMPONENTS, DEFAULT_RESERVE_BYTES, fits, max_batch, plan
 from memplan.spec import (
     ATTENTIONS,
     OPTIMIZER_IMPLS,
     OPTIMIZERS,
     REGIMES,
+    SHARDS,
     LoraSpec,
     ModelSpec,
     TrainSpec,
@@ -105,6 +107,7 @@ def jobs(draw, regimes=REGIMES, activations: bool | None = None):
         gpus=draw(st.integers(1, 8)), optimizer=optimizer,
         optimizer_impl=draw(st.sampled_from(OPTIMIZER_IMPLS)),
         checkpointing=draw(st.booleans()), attention=draw(st.sampled_from(ATTENTIONS)),
+        shard=draw(st.sampled_from(SHARDS)) if regime in SHARDABLE_REGIMES else "none",
     )
     return spec, train
 
@@ -248,7 +251,8 @@ def test_lora_model_states_approach_the_frozen_base(job, data) -> None:
     base, relative to N, grows with the rank and shrinks to 16·M(1)/N at rank 1 (and to 0 as
     the rank goes to 0)."""
     spec, train = job
-    train = replace(train, optimizer="adamw", lora=replace(train.lora, train_embeddings=False))
+    train = replace(train, optimizer="adamw", lora=replace(train.lora, train_embeddings=False),
+                    shard="none")  # the notes' formula on one GPU
     n = P.count_params(spec)
     top = smallest_dim(spec, train.lora.targets)
     ranks = sorted(set(data.draw(st.lists(st.integers(1, top), min_size=2, max_size=5))))
