@@ -9,6 +9,7 @@ accounting of its stages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import replace
@@ -109,13 +110,11 @@ def markdown(data: dict, paper: list[dict], meta: dict) -> str:
 def figure(data: dict) -> Any:
     """One panel per model: planned per-GPU GiB against M (log-log), 16N/M dashed, the
     measured points as markers."""
-    import matplotlib
+    from memplan.plots import _figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(data), figsize=(6.2 * len(data), 4.8), squeeze=False)
-    for ax, (model, entry) in zip(axes[0], data.items(), strict=True):
+    fig, axes = _figure(ncols=len(data), width=6.2 * len(data), height=4.8)
+    axes = list(axes) if len(data) > 1 else [axes]
+    for ax, (model, entry) in zip(axes, data.items(), strict=True):
         ms = list(GPU_COUNTS)
         ax.plot(ms, [entry["notes_16N_over_M"][m] / 2**30 for m in ms], "k--", lw=1.2,
                 label="16N/M (the notes)")
@@ -133,7 +132,6 @@ def figure(data: dict) -> Any:
         ax.set_title(f"{model}: batch 1 × seq 512 per GPU")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -162,5 +160,6 @@ def write_scaling_report(rows: list[dict], out_dir: Path, meta: dict) -> list[Pa
         raise MemplanError(f"cannot write {stem}.*: {exc.strerror or exc}") from None
     finally:
         for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return [target for _, target in staged]
