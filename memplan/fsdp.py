@@ -76,6 +76,7 @@ class Param:
     numel: int
     itemsize: int
     trainable: bool
+    late: bool = False  # an input embedding: its gradient is the last the backward makes
 
     def padded(self, m: int) -> int:
         """Elements each rank stores: ⌈rows/M⌉ rows."""
@@ -152,9 +153,9 @@ def units(spec: ModelSpec, train: TrainSpec) -> tuple[Unit, Unit]:
     block = norm + linears("attention") + norm + linears("mlp")
     emb = full or (lora and train.lora.train_embeddings)
     v, h = spec.vocab_size, spec.hidden_size
-    root = [Param(v, v * h, itemsize, emb)]
+    root = [Param(v, v * h, itemsize, emb, late=not spec.tie_embeddings)]
     if spec.learned_positions:
-        root.append(Param(spec.max_positions, spec.max_positions * h, itemsize, full))
+        root.append(Param(spec.max_positions, spec.max_positions * h, itemsize, full, late=True))
     root += _norm(spec, itemsize, full, full or bitfit)
     if not spec.tie_embeddings:
         root.append(Param(v, v * h, itemsize, emb))
@@ -366,14 +367,17 @@ def replay(sched: Schedule) -> tuple[int, int]:
         sched.post_forward(i)
     sched.forward_end()
     sched.backward_start()
-    root_grads = sum(p.numel * p.itemsize for p in sched.root.trainable)
-    if root_grads:
-        sched.param_grad(ROOT, root_grads)
+    root = [p.numel * p.itemsize for p in sched.root.trainable if not p.late]
+    embeddings = [p.numel * p.itemsize for p in sched.root.trainable if p.late]
+    if sum(root):  # the loss's end of the root: the head and the final norm
+        sched.param_grad(ROOT, sum(root))
     block_grads = sum(p.numel * p.itemsize for p in sched.block.trainable)
     for i in reversed(range(sched.layers)):
         sched.pre_backward(i)
         if block_grads:
             sched.param_grad(i, block_grads)
         sched.post_backward(i)
+    if sum(embeddings):  # the input embeddings, last
+        sched.param_grad(ROOT, sum(embeddings))
     sched.backward_end([])
     return peak
