@@ -141,7 +141,8 @@ def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict,
         else:
             target = stem.with_suffix(".png")
             staged.append((target.with_name(f".{target.stem}.new.png"), target))
-            save_figure(validation_figure(rows, title=f"memplan validate --device {device}"),
+            save_figure(validation_figure(rows, title=meta.get("command", f"memplan validate "
+                                                                     f"--device {device}")),
                         staged[-1][0])
         for suffix, text in ((".json", json.dumps(doc, indent=1) + "\n"),
                              (".md", markdown(doc))):
