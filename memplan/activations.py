@@ -21,6 +21,7 @@ from typing import Any
 
 from memplan import ops
 from memplan import params as P
+from memplan.attention import attention
 from memplan.autograd import ALIAS, FP32, INT64, Moment, Sym, Tape
 from memplan.regimes import ModelState
 from memplan.spec import ModelSpec, TrainSpec
@@ -208,7 +209,7 @@ def _block(tape: Tape, job: _Job, x: Sym, rope: list[Sym]) -> Sym:
         q, k, v = (tape.view(qkv, numel=tokens * n) for n in (spec.q_dim, spec.kv_dim,
                                                                 spec.kv_dim))
         tape.op(q, [(qkv, qkv.nbytes)], outputs=[q, k, v])  # split: its backward cats
-        att = _attention(tape, job, q, k, v, fused=True)
+        att = attention(tape, job, q, k, v, fused=True)
         proj = _dropout(tape, linear(att, "attn.c_proj"), spec.dropout)
         tape.free(qkv, att, y)  # attn's locals, and its argument ln_1(x)
         x2 = ops.add(tape, x, proj)
@@ -229,7 +230,7 @@ def _block(tape: Tape, job: _Job, x: Sym, rope: list[Sym]) -> Sym:
     q = _rotary(tape, q_lin, rope)
     k = _rotary(tape, k_lin, rope)
     tape.free(q_lin, k_lin)  # apply_rotary's results rebind q and k
-    att = _attention(tape, job, q, k, v, fused=False)
+    att = attention(tape, job, q, k, v, fused=False)
     o = linear(att, "self_attn.o_proj")
     tape.free(q, k, v, att, y)
     x2 = ops.add(tape, x, o)
@@ -304,91 +305,6 @@ def _rotary(tape: Tape, t: Sym, rope: list[Sym]) -> Sym:
     out = ops.add(tape, a, b)
     tape.free(a, b)
     return out
-
-
-def _attention(tape: Tape, job: _Job, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
-    """Causal attention; returns the (B, T, nh·hd) input of the output projection.
-
-    ``fused``: q, k and v are column slices of one c_attn output (GPT-2); otherwise (Llama)
-    rotated q and k are contiguous and v a transposed view of v_proj's output.
-    """
-    spec, d, b, s = job.spec, job.d, job.b, job.s
-    nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    tokens = b * s
-    rg = q.rg or k.rg or v.rg
-    if job.train.attention != "eager":
-        # Flash kernels (sdpa on CPU and CUDA) keep q, k, v, the output and an fp32
-        # logsumexp per head and query; the output's layout makes the (B, T, nh·hd)
-        # reshape a view. Their backward makes the gradients of q, k and v only.
-        repeat = job.mask is not None and nkv != nh  # HF: no enable_gqa with a mask
-        if repeat:
-            k, v = (tape.op(tape.new(tokens * nh * hd, t.itemsize, t.rg), [(t, t.nbytes)])
-                    for t in (k, v))
-        out = tape.new(tokens * nh * hd, d, rg)
-        lse = tape.new(b * nh * s, FP32, False)
-        # sdpa converts a bool mask to the query's dtype on every call, and keeps that copy
-        masks = [tape.new(job.mask.numel, d, False)] if job.mask is not None else []
-        tape.op(out, [(q, q.nbytes), (k, k.nbytes), (v, v.nbytes)],
-                [q, k, v, out, lse, *masks] if rg else [])
-        if not rg:
-            tape.alloc(lse)
-            tape.free(lse)
-        if repeat:
-            tape.free(k, v)
-        return out
-
-    def copy(t: Sym, numel: int, repeat: bool) -> Sym:
-        """reshape of a strided view copies (its gradient is a view); repeat_kv's expand
-        sums its gradient back to kv heads."""
-        out = tape.new(numel, t.itemsize, t.rg)
-        return tape.op(out, [(t, t.nbytes if repeat else ALIAS)])
-
-    gqa = nkv != nh
-    n_scores = b * nh * s * s
-    if gqa and not fused:  # repeat_kv rebinds k and v inside attend
-        k = copy(k, tokens * nh * hd, True)
-        v = copy(v, tokens * nh * hd, True)
-    # matmul folds (B, nh) with reshape: q (GPT-2's strided slice) and k^T are copied unless
-    # they are contiguous (Llama's rotary output, or a repeat_kv copy); the copies are temps.
-    q_r = copy(q, q.numel, False) if fused else q
-    k_r = copy(k, k.numel, False) if fused else k
-    scores = tape.new(n_scores, d, rg)
-    tape.op(scores, [(q_r, q_r.nbytes), (k_r, k_r.nbytes)],
-            ([k_r] if q_r.rg else []) + ([q_r] if k_r.rg else []))
-    tape.free(*(t for t in (q_r, k_r) if t not in (q, k)))
-    scaled = ops.unary(tape, scores, saves_input=False)
-    tape.free(scores)
-    if job.mask is not None:  # Hugging Face: scores + the model's additive float mask
-        mask = None
-        masked = ops.add(tape, scaled, job.mask)
-    else:  # memplan: masked_fill with a bool mask made per call, kept for backward
-        mask = tape.alloc(tape.new(s * s, 1, False))
-        masked = tape.new(n_scores, d, rg)
-        tape.op(masked, [(scaled, scaled.nbytes)], [mask] if rg else [])
-    tape.free(scaled)
-    # softmax in fp32 (Llama; GPT-2 in Hugging Face's code: in the scores' dtype)
-    x32 = masked if job.hf and spec.family == "gpt2" else ops.cast(tape, masked, FP32)
-    probs32 = tape.new(n_scores, x32.itemsize, rg)
-    tape.op(probs32, [(x32, x32.nbytes)], [probs32] if rg else [])  # softmax keeps its output
-    if x32 is not masked:
-        tape.free(x32)
-    probs = ops.cast(tape, probs32, d)
-    if probs is not probs32:
-        tape.free(probs32)
-    dropped = ops.dropout(tape, probs, spec.dropout)
-    if dropped is not probs:
-        tape.free(probs)
-    # v: Llama's is a transposed view (copied by the reshape unless repeated); GPT-2's a slice
-    v_r = copy(v, tokens * nh * hd, False) if fused or not gqa else v
-    out = tape.new(tokens * nh * hd, d, rg)
-    tape.op(out, [(dropped, dropped.nbytes), (v_r, v_r.nbytes)],
-            ([v_r] if dropped.rg else []) + ([dropped] if v_r.rg else []))
-    tape.free(*(t for t in (v_r, mask) if t is not v and t is not None), masked, dropped)
-    if gqa and not fused:
-        tape.free(k, v)
-    flat = copy(out, out.numel, False)  # transpose(1, 2).reshape copies
-    tape.free(out)
-    return flat
 
 
 def _classifier_head(tape: Tape, job: _Job, hidden: Sym) -> ActivationPlan:

@@ -65,6 +65,9 @@ CPU_MATRIX += [(m, kw, SMALL_VOCAB) for m in ("llama-tiny", "gpt2-tiny") for kw 
     ("llama-tiny", dict(regime="mixed", batch=2, seq=64, checkpointing=True), QWEN_LIKE),
     ("gpt2-tiny", dict(regime="lora", batch=2, seq=128, attention="eager"), {"dropout": 0.1}),
     ("gpt2-tiny", dict(regime="full", batch=2, seq=128, attention="eager"), {"dropout": 0.1}),
+    # sdpa with dropout: the CPU kernels' math fallback keeps the s² scores
+    ("gpt2-tiny", dict(regime="full", batch=2, seq=256), {"dropout": 0.1}),
+    ("llama-tiny", dict(regime="lora", batch=4, seq=128, checkpointing=True), {"dropout": 0.1}),
 ]
 
 QUICK_MATRIX: list[Row] = [CPU_MATRIX[i] for i in (0, 1, 14, 16, 17, 29, 30, 33, 39)]
@@ -82,6 +85,7 @@ FAKE_MATRIX: list[Row] = [
     ("mistral-7b", dict(regime="mixed", batch=1, seq=1024)),
     ("llama-3-8b", dict(regime="lora", batch=2, seq=2048, attention="eager")),
     ("llama-2-7b", dict(regime="classifier", batch=4, seq=1024)),
+    ("gpt2", dict(regime="full", batch=2, seq=1024), {"dropout": 0.1}),  # the preset's own
 ]
 QUICK_FAKE: list[Row] = FAKE_MATRIX[:2]
 

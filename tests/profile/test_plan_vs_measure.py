@@ -28,6 +28,9 @@ ROWS = [
     ("gpt2-tiny", {}, dict(regime="bitfit", batch=2, seq=64)),
     ("llama-tiny", {}, dict(regime="lora", batch=2, seq=64, checkpointing=True)),
     ("gpt2-tiny", {"dropout": 0.1}, dict(regime="lora", batch=2, seq=64, attention="eager")),
+    # sdpa with dropout: the CPU kernels fall back to the math path (s² scores kept)
+    ("gpt2-tiny", {"dropout": 0.1}, dict(regime="full", batch=2, seq=128)),
+    ("llama-tiny", {"dropout": 0.1}, dict(regime="lora", batch=2, seq=128)),  # + GQA repeat
     # The peak inside a block's backward: eager scores, checkpoint recomputation.
     ("llama-tiny", SMALL_VOCAB, dict(regime="full", batch=1, seq=256, attention="eager")),
     ("gpt2-tiny", SMALL_VOCAB, dict(regime="lora", batch=1, seq=256, checkpointing=True)),
