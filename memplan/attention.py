@@ -58,8 +58,9 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
         v = copy(v, tokens * nh * hd, True)
     # matmul folds (B, nh) with reshape: q (GPT-2's strided slice) and k^T are copied unless
     # they are contiguous (Llama's rotary output, or a repeat_kv copy); the copies are temps.
-    q_r = copy(q, q.numel, False) if fused else q
-    k_r = copy(k, k.numel, False) if fused else k
+    # A single sequence (B = 1) folds (1, nh) into nh with a view: nothing is copied.
+    q_r = copy(q, q.numel, False) if fused and b > 1 else q
+    k_r = copy(k, k.numel, False) if fused and b > 1 else k
     scores = tape.new(n_scores, d, rg)
     tape.op(scores, [(q_r, q_r.nbytes), (k_r, k_r.nbytes)],
             ([k_r] if q_r.rg else []) + ([q_r] if k_r.rg else []))
@@ -87,7 +88,7 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
     if dropped is not probs:
         tape.free(probs)
     # v: Llama's is a transposed view (copied by the reshape unless repeated); GPT-2's a slice
-    v_r = copy(v, tokens * nh * hd, False) if fused or not gqa else v
+    v_r = copy(v, tokens * nh * hd, False) if (fused or not gqa) and b > 1 else v
     out = tape.new(tokens * nh * hd, d, rg)
     tape.op(out, [(dropped, dropped.nbytes), (v_r, v_r.nbytes)],
             ([v_r] if dropped.rg else []) + ([dropped] if v_r.rg else []))
@@ -121,9 +122,10 @@ def _sdpa_math(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool, rg: bo
         k, v = repeated
 
     def folded(t: Sym) -> Sym:
-        """``t * √scale``, then the copy ``bmm``'s reshape makes of a strided slice."""
+        """``t * √scale``, then the copy ``bmm``'s reshape makes of a strided slice (none
+        for a single sequence: folding (1, nh) is a view)."""
         scaled = ops.unary(tape, t, saves_input=False)
-        if not fused:
+        if not fused or b == 1:
             return scaled
         flat = tape.op(tape.new(t.numel, t.itemsize, t.rg), [(scaled, ALIAS)])
         tape.free(scaled)
@@ -149,11 +151,13 @@ def _sdpa_math(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool, rg: bo
     tape.free(masked)
     dropped = ops.dropout(tape, probs, job.spec.dropout)
     tape.free(probs)
-    v_r = tape.op(tape.new(v.numel, v.itemsize, v.rg), [(v, ALIAS)])  # strided: copied
+    v_r = v if b == 1 else \
+        tape.op(tape.new(v.numel, v.itemsize, v.rg), [(v, ALIAS)])  # strided: copied
     out = tape.new(b * s * job.spec.num_heads * job.spec.head_dim, d, rg)
     tape.op(out, [(dropped, dropped.nbytes), (v_r, v_r.nbytes)],
             ([v_r] if dropped.rg else []) + ([dropped] if v_r.rg else []))
-    tape.free(dropped, v_r, *repeated, *([mask] if mask is not job.mask else []))
+    tape.free(dropped, *([v_r] if v_r is not v else []), *repeated,
+              *([mask] if mask is not job.mask else []))
     flat = tape.op(tape.new(out.numel, d, out.rg), [(out, ALIAS)])  # transpose + reshape
     tape.free(out)
     return flat

@@ -68,6 +68,7 @@ CPU_MATRIX += [(m, kw, SMALL_VOCAB) for m in ("llama-tiny", "gpt2-tiny") for kw 
     # sdpa with dropout: the CPU kernels' math fallback keeps the s² scores
     ("gpt2-tiny", dict(regime="full", batch=2, seq=256), {"dropout": 0.1}),
     ("llama-tiny", dict(regime="lora", batch=4, seq=128, checkpointing=True), {"dropout": 0.1}),
+    ("gpt2-tiny", dict(regime="lora", batch=1, seq=256), {"dropout": 0.1}),  # one sequence
 ]
 
 QUICK_MATRIX: list[Row] = [CPU_MATRIX[i] for i in (0, 1, 14, 16, 17, 29, 30, 33, 39)]
@@ -86,6 +87,7 @@ FAKE_MATRIX: list[Row] = [
     ("llama-3-8b", dict(regime="lora", batch=2, seq=2048, attention="eager")),
     ("llama-2-7b", dict(regime="classifier", batch=4, seq=1024)),
     ("gpt2", dict(regime="full", batch=2, seq=1024), {"dropout": 0.1}),  # the preset's own
+    ("gpt2", dict(regime="full", batch=1, seq=512), {"dropout": 0.1}),
 ]
 QUICK_FAKE: list[Row] = FAKE_MATRIX[:2]
 

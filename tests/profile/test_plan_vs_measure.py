@@ -31,6 +31,9 @@ ROWS = [
     # sdpa with dropout: the CPU kernels fall back to the math path (s² scores kept)
     ("gpt2-tiny", {"dropout": 0.1}, dict(regime="full", batch=2, seq=128)),
     ("llama-tiny", {"dropout": 0.1}, dict(regime="lora", batch=2, seq=128)),  # + GQA repeat
+    # one sequence: folding (1, heads) for bmm is a view, so GPT-2's v keeps the qkv storage
+    ("gpt2-tiny", {"dropout": 0.1}, dict(regime="lora", batch=1, seq=128)),
+    ("gpt2-tiny", {}, dict(regime="lora", batch=1, seq=128, attention="eager")),
     # The peak inside a block's backward: eager scores, checkpoint recomputation.
     ("llama-tiny", SMALL_VOCAB, dict(regime="full", batch=1, seq=256, attention="eager")),
     ("gpt2-tiny", SMALL_VOCAB, dict(regime="lora", batch=1, seq=256, checkpointing=True)),
