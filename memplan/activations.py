@@ -50,6 +50,7 @@ class _Job:
     targeted: set[str]
     runtime: str = "cuda"
     mask: Sym | None = None  # Hugging Face's materialised attention mask, one per forward
+    bf16_policy: bool = False  # FSDP's MixedPrecisionPolicy: every parameter gathered in bf16
 
     @property
     def hf(self) -> bool:
@@ -79,18 +80,20 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     """
     assert train.batch is not None and train.seq is not None
     regime = train.regime
+    bf16_policy = fsdp is not None and train.param_dtype == "bf16"  # gathered and run in bf16
+    compute = 2 if bf16_policy else state.compute_bytes
     tape = Tape(dropout_mask_bytes=1 if runtime == "cuda" else None,
                 # the mixed recipe's hooks move each gradient out at once, and so do ZeRO-2
                 # and -3 (reduce-scattered bucket by bucket) into their sharded buffers
                 param_grads_temporary=regime in ("mixed", "zero2", "zero3") and fsdp is None,
-                grad_itemsize=state.compute_bytes if regime in PAPER_STAGES else FP32,
+                grad_itemsize=compute if regime in PAPER_STAGES or bf16_policy else FP32,
                 inplace_accumulation=runtime == "cuda", fsdp=fsdp)
     prompt = train.prompt_tokens if regime == "prompt-tuning" else 0
     lora = regime in LORA_REGIMES
-    job = _Job(spec, train, train.batch, train.seq + prompt, state.compute_bytes,
+    job = _Job(spec, train, train.batch, train.seq + prompt, compute,
                full=regime in FULL_REGIMES, bitfit=regime == "bitfit",
                targeted={l.name for l in P.check_rank(spec, train.lora)} if lora else set(),
-               runtime=runtime)
+               runtime=runtime, bf16_policy=bf16_policy)
     b, h, v, d, tokens = job.b, spec.hidden_size, spec.vocab_size, job.d, job.tokens
 
     batch = tape.new(2 * b * train.seq, INT64, False)  # input ids and labels
@@ -192,7 +195,9 @@ def _block(tape: Tape, job: _Job, x: Sym, rope: list[Sym]) -> Sym:
     """One transformer block; returns its output."""
     spec, train, tokens = job.spec, job.train, job.tokens
     layers = {l.name: l for l in P.block_linears(spec)}
-    cast = job.d != FP32 and train.regime in ("lora-bf16", "qlora")
+    # a bf16 base with fp32 adapters casts the input for them (not under FSDP's bf16 policy,
+    # which gathers the adapters in bf16 too)
+    cast = job.d != FP32 and train.regime in ("lora-bf16", "qlora") and not job.bf16_policy
 
     def linear(inp: Sym, name: str) -> Sym:
         layer = layers[name]

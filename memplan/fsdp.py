@@ -59,7 +59,17 @@ def strategy(train: TrainSpec) -> str:
 
 
 def check_shardable(train: TrainSpec) -> None:
-    """One clear line for a regime FSDP cannot shard."""
+    """One clear line for a regime FSDP cannot shard, or a bf16 policy it cannot take."""
+    if train.param_dtype != "fp32":
+        if train.gpus < 2:
+            raise MemplanError("--param-dtype bf16 is FSDP's mixed-precision policy: it needs "
+                               "--gpus 2 or more (and --nproc 2 or more to profile it)")
+        if train.shard == "none" and train.regime != "zero":
+            raise MemplanError("--param-dtype bf16 is FSDP's mixed-precision policy: add "
+                               "--shard full-shard (or use regime zero) over --gpus 2 or more")
+        if train.regime == "mixed":
+            raise MemplanError("regime mixed is the notes' own bf16 recipe; with FSDP's bf16 "
+                               "policy use regime zero (or full) instead")
     if train.shard != "none" and train.regime not in SHARDABLE_REGIMES:
         what = "the ZeRO paper's stages are sharded already; drop --shard" \
             if train.regime in PAPER_STAGES else \
@@ -95,9 +105,16 @@ class Unit:
 
     params: tuple[Param, ...]
 
-    def gathered(self, m: int) -> int:
-        """Bytes of the unit's gathered parameters, and of its all-gather buffer."""
-        return m * sum(p.padded(m) * p.itemsize for p in self.params)
+    def gathered(self, m: int, itemsize: int | None = None) -> int:
+        """Bytes of the unit's gathered parameters, and of its all-gather buffer (in
+        ``itemsize``, the policy's parameter dtype, when given)."""
+        return m * sum(p.padded(m) * (itemsize or p.itemsize) for p in self.params)
+
+    def cast_inputs(self, m: int, itemsize: int | None) -> int:
+        """Bytes of the shards cast to the policy's dtype before an all-gather."""
+        if itemsize is None:
+            return 0
+        return sum(p.padded(m) * itemsize for p in self.params if p.itemsize != itemsize)
 
     def sharded(self, m: int) -> int:
         """Bytes of the unit's shards on one rank (padded)."""
@@ -107,13 +124,16 @@ class Unit:
     def trainable(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.trainable)
 
-    def reduce_scatter(self, m: int) -> int:
-        """Bytes of the flat reduce-scatter input (the trainable gradients, padded)."""
-        return m * sum(p.padded(m) * p.itemsize for p in self.trainable)
+    def reduce_scatter(self, m: int, itemsize: int | None = None) -> int:
+        """Bytes of the flat reduce-scatter input (the trainable gradients, padded; in
+        ``itemsize``, the policy's reduce dtype, when given)."""
+        return m * sum(p.padded(m) * (itemsize or p.itemsize) for p in self.trainable)
 
-    def last_grad(self) -> int:
+    def last_grad(self, itemsize: int | None = None) -> int:
         """Bytes of the last trainable gradient (freed after the reduce-scatter output)."""
-        return self.trainable[-1].numel * self.trainable[-1].itemsize if self.trainable else 0
+        if not self.trainable:
+            return 0
+        return self.trainable[-1].numel * (itemsize or self.trainable[-1].itemsize)
 
 
 def _linear(layer: P.LinearShape, itemsize: int, train_w: bool, train_b: bool,
@@ -176,6 +196,7 @@ class RankStates:
 def rank_states(spec: ModelSpec, train: TrainSpec, m: int, rank: int) -> RankStates:
     """The step-long states of rank ``rank`` of ``m``."""
     root, block = units(spec, train)
+    reduce = FP32 if train.param_dtype == "bf16" else None
     every = [*root.params, *block.params * spec.num_layers]
     trainable = [p for p in every if p.trainable]
     local = [(p, p.local(m, rank)) for p in trainable]
@@ -204,8 +225,8 @@ def rank_states(spec: ModelSpec, train: TrainSpec, m: int, rank: int) -> RankSta
         weights=root.sharded(m) + spec.num_layers * block.sharded(m),
         optimizer_states=states + counters,
         persistent_grads=2 * sum(n for _, n in local) if mixed else 0,
-        sharded_grads=0 if mixed else (root.reduce_scatter(m)
-                                       + spec.num_layers * block.reduce_scatter(m)) // m,
+        sharded_grads=0 if mixed else (root.reduce_scatter(m, reduce)
+                                       + spec.num_layers * block.reduce_scatter(m, reduce)) // m,
         step_temporaries=temps,
     )
 
@@ -217,6 +238,7 @@ def scaled(states: RankStates, n: int, shape_n: int) -> RankStates:
         states.sharded_grads, states.step_temporaries)))
 
 
+FP32, BF16 = 4, 2
 ROOT = -1  # the root unit's index; blocks are 0 .. L-1
 
 
@@ -236,6 +258,8 @@ class Schedule:
     m: int
     reshard_after_forward: bool = True
     mixed: bool = False
+    param_itemsize: int | None = None   # MixedPrecisionPolicy: gathered in bf16 ...
+    reduce_itemsize: int | None = None  # ... and reduced in fp32
     weights: int = 0
     grads: int = 0
     check: Callable[[], None] = lambda: None
@@ -249,6 +273,19 @@ class Schedule:
     def _unit(self, i: int) -> Unit:
         return self.root if i == ROOT else self.block
 
+    def _gathered_bytes(self, i: int) -> int:
+        return self._unit(i).gathered(self.m, self.param_itemsize)
+
+    def _all_gather(self, i: int) -> int:
+        """Cast the shards (bf16 policy), all-gather into a new buffer, free the casts."""
+        cast = self._unit(i).cast_inputs(self.m, self.param_itemsize)
+        if cast:
+            self._alloc(cast)
+        u = self._gathered_bytes(i)
+        self._alloc(u)
+        self.weights -= cast
+        return u
+
     def _alloc(self, nbytes: int, grads: bool = False) -> None:
         if grads:
             self.grads += nbytes
@@ -259,8 +296,7 @@ class Schedule:
     # -- forward ----------------------------------------------------------------------------
     def pre_forward(self, i: int) -> None:
         """Unit ``i`` (ROOT first) is about to run: all-gather, copy out, free the previous."""
-        u = self._unit(i).gathered(self.m)
-        self._alloc(u)                 # the all-gather buffer
+        u = self._all_gather(i)        # the all-gather buffer
         self._alloc(u)                 # the copy-out into the unsharded parameters
         self._gathered.add(i)
         self.weights -= self._ag_state  # the previous unit's buffer, freed only now
@@ -269,7 +305,7 @@ class Schedule:
     def post_forward(self, i: int) -> None:
         """Block ``i`` ran: FULL_SHARD frees its gathered parameters."""
         if self.reshard_after_forward:
-            self.weights -= self.block.gathered(self.m)
+            self.weights -= self._gathered_bytes(i)
             self._gathered.discard(i)
 
     def forward_end(self) -> None:
@@ -285,14 +321,14 @@ class Schedule:
     def _prefetch(self, i: int) -> None:
         if i >= 0 and i not in self._gathered and i not in self._prefetched:
             self._prefetched.add(i)
-            self._alloc(self.block.gathered(self.m))
+            self._all_gather(i)
 
     def pre_backward(self, i: int) -> None:
         """Block ``i``'s output gradient is complete: gather it (if needed), prefetch i-1."""
         if i not in self._gathered:
-            u = self.block.gathered(self.m)
+            u = self._gathered_bytes(i)
             if i not in self._prefetched:
-                self._alloc(u)
+                self._all_gather(i)
             self._prefetched.discard(i)
             self._alloc(u)             # copy-out
             self._gathered.add(i)
@@ -311,7 +347,7 @@ class Schedule:
         self._posted.add(i)
         unit = self._unit(i)
         if i in self._gathered:
-            self.weights -= unit.gathered(self.m)
+            self.weights -= self._gathered_bytes(i)
             self._gathered.discard(i)
         made = self._unit_grads.pop(i, 0)
         if not made:
@@ -319,9 +355,9 @@ class Schedule:
             self._rs_state = 0
             return
         self.grads -= self._rs_state
-        rs_in = unit.reduce_scatter(self.m)
+        rs_in = unit.reduce_scatter(self.m, self.reduce_itemsize)
         self._alloc(rs_in, grads=True)
-        last = min(unit.last_grad(), made)
+        last = min(unit.last_grad(self.param_itemsize), made)
         self.grads -= made - last     # autograd's gradients, freed after the copy-in
         self._alloc(rs_in // self.m, grads=True)  # the output: the sharded gradients
         self.grads -= last
@@ -345,9 +381,11 @@ class Schedule:
 def schedule(spec: ModelSpec, train: TrainSpec, m: int) -> Schedule:
     """The FSDP2 schedule of ``train`` over ``m`` ranks."""
     root, block = units(spec, train)
+    bf16 = train.param_dtype == "bf16"
     return Schedule(root, block, spec.num_layers, m,
                     reshard_after_forward=strategy(train) == "full-shard",
-                    mixed=train.regime == "mixed")
+                    mixed=train.regime == "mixed", param_itemsize=BF16 if bf16 else None,
+                    reduce_itemsize=FP32 if bf16 else None)
 
 
 def replay(sched: Schedule) -> tuple[int, int]:
@@ -367,11 +405,12 @@ def replay(sched: Schedule) -> tuple[int, int]:
         sched.post_forward(i)
     sched.forward_end()
     sched.backward_start()
-    root = [p.numel * p.itemsize for p in sched.root.trainable if not p.late]
-    embeddings = [p.numel * p.itemsize for p in sched.root.trainable if p.late]
+    size = sched.param_itemsize
+    root = [p.numel * (size or p.itemsize) for p in sched.root.trainable if not p.late]
+    embeddings = [p.numel * (size or p.itemsize) for p in sched.root.trainable if p.late]
     if sum(root):  # the loss's end of the root: the head and the final norm
         sched.param_grad(ROOT, sum(root))
-    block_grads = sum(p.numel * p.itemsize for p in sched.block.trainable)
+    block_grads = sum(p.numel * (size or p.itemsize) for p in sched.block.trainable)
     for i in reversed(range(sched.layers)):
         sched.pre_backward(i)
         if block_grads:

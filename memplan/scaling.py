@@ -53,13 +53,16 @@ def table_counts(max_gpus: int, per_node: int) -> list[int]:
 
 
 def per_gpu(spec: ModelSpec, train: TrainSpec, regime: str, gpus: int,
-            shard: str = "full-shard") -> Breakdown:
-    """The plan of the fullest GPU of ``regime`` over ``gpus`` GPUs."""
+            shard: str = "full-shard", param_dtype: str = "fp32") -> Breakdown:
+    """The plan of the fullest GPU of ``regime`` over ``gpus`` GPUs (FSDP's bf16 policy with
+    ``param_dtype="bf16"``, for the FSDP regimes other than the notes' mixed recipe)."""
     check_scalable(regime)
     if regime in PAPER_STAGES:
         return plan(spec, replace(train, regime=regime, gpus=gpus, shard="none"))
-    sharding = "none" if gpus == 1 else shard
-    return plan(spec, replace(train, regime=regime, gpus=gpus, shard=sharding))
+    if gpus == 1:
+        return plan(spec, replace(train, regime=regime, gpus=1, shard="none"))
+    dtype = "fp32" if regime == "mixed" else param_dtype
+    return plan(spec, replace(train, regime=regime, gpus=gpus, shard=shard, param_dtype=dtype))
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class Scaling:
 
 def scale(spec: ModelSpec, train: TrainSpec, regime: str, capacity_bytes: int,
           reserve_bytes: int, max_gpus: int = 1024, per_node: int = 8,
-          shard: str = "full-shard") -> Scaling:
+          shard: str = "full-shard", param_dtype: str = "fp32") -> Scaling:
     """Per-GPU plans of ``regime`` at the tabled M, and the fewest GPUs whose plan plus the
     reserve fits ``capacity_bytes`` (None when even ``max_gpus`` do not).
 
@@ -96,7 +99,7 @@ def scale(spec: ModelSpec, train: TrainSpec, regime: str, capacity_bytes: int,
 
     def at(m: int) -> Breakdown:
         if m not in cache:
-            cache[m] = per_gpu(spec, train, regime, m, shard)
+            cache[m] = per_gpu(spec, train, regime, m, shard, param_dtype)
         return cache[m]
 
     def ok(m: int) -> bool:

@@ -25,6 +25,7 @@ MAX_JOB_SIZE = 2**24
 IMPLS = ("memplan", "hf")          # whose model code runs: memplan's reference models or HF's
 LORA_BACKENDS = ("memplan", "peft")
 SHARDS = ("none", "full-shard", "shard-grad-op")  # FSDP's FULL_SHARD and SHARD_GRAD_OP
+PARAM_DTYPES = ("fp32", "bf16")  # FSDP's MixedPrecisionPolicy: bf16 gathers, fp32 reduces
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,9 @@ class TrainSpec:
 
     ``gpus`` (M) and ``shard``: regime ``zero`` and any regime with ``shard`` set are planned
     per rank of FSDP over M GPUs (``zero`` alone means FULL_SHARD); other regimes hold
-    everything on every GPU (data parallel). One GPU shards nothing.
+    everything on every GPU (data parallel). One GPU shards nothing. ``param_dtype="bf16"``
+    is FSDP's ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: parameters are
+    gathered, computed with and differentiated in bf16; gradients are reduced in fp32.
     """
 
     regime: str = "full"
@@ -137,6 +140,7 @@ class TrainSpec:
     impl: str = "memplan"
     lora_backend: str = "memplan"
     shard: str = "none"
+    param_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         checks = (
@@ -147,6 +151,7 @@ class TrainSpec:
             ("optimizer implementation", self.optimizer_impl, OPTIMIZER_IMPLS),
             ("attention", self.attention, ATTENTIONS),
             ("sharding", self.shard, SHARDS),
+            ("FSDP parameter dtype", self.param_dtype, PARAM_DTYPES),
         )
         for what, value, choices in checks:
             if value not in choices:

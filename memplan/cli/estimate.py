@@ -22,7 +22,7 @@ def estimate(
     impl: o.ModelImpl = "memplan", lora_backend: o.LoraBackend = "memplan",
     regime: Annotated[list[str] | None, typer.Option(
         "--regime", help="Only these regimes (repeatable); default: all of them.")] = None,
-    shard: o.Shard = "none",
+    shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
     reserve: o.Reserve = None, json_out: o.Json = False,
 ) -> None:
     """Plan every training regime: the notes' formula, the peak, its breakdown, the GPUs it fits.
@@ -55,7 +55,12 @@ def estimate(
     m = lora_params(job.spec, job.train.lora)
     catalogue = gpu_catalogue()
     rows, results = [], {}
-    for label, train in _variants(job.train, wanted, shard):
+    if param_dtype != "fp32" and gpus < 2:
+        from memplan.errors import MemplanError
+
+        raise MemplanError(f"--param-dtype {param_dtype} is FSDP's mixed-precision policy: add "
+                           "--gpus 2 or more")
+    for label, train in _variants(job.train, wanted, shard, param_dtype):
         breakdown = plan(job.spec, train, job.params)
         fits_on = [g.name for g in catalogue.values()
                    if breakdown.total_bytes + reserve_bytes <= g.capacity_bytes]
@@ -85,21 +90,32 @@ def estimate(
               "(--reserve); see `memplan gpus` for capacities")
 
 
-def _variants(train, wanted: list[str], shard: str) -> list[tuple[str, object]]:
+def _variants(train, wanted: list[str], shard: str,
+              param_dtype: str = "fp32") -> list[tuple[str, object]]:
     """(label, TrainSpec) of each row: every wanted regime; over several GPUs, FSDP variants
     of the mixed recipe and LoRA beside them (or, with --shard, every shardable regime
-    sharded in place)."""
+    sharded in place). FSDP's bf16 policy applies to the sharded rows (not to mixed, the
+    notes' own bf16 recipe)."""
     from memplan.fsdp import SHARDABLE_REGIMES
+
+    def sharded(plain, how: str, name: str):
+        dtype = param_dtype if name != "mixed" else "fp32"
+        label = f"{name} · {how}" + (" · bf16" if dtype != "fp32" else "")
+        return label if name != "zero" or dtype != "fp32" else name, \
+            replace(plain, shard=how, param_dtype=dtype)
 
     rows = []
     for name in wanted:
-        plain = replace(train, regime=name)
-        if shard != "none" and name in SHARDABLE_REGIMES and name != "zero":
-            rows.append((f"{name} · {shard}", replace(plain, shard=shard)))
+        plain = replace(train, regime=name, param_dtype="fp32")
+        if shard != "none" and name in SHARDABLE_REGIMES:
+            rows.append(sharded(plain, shard, name))
             continue
-        rows.append((name, replace(plain, shard=shard if name == "zero" else "none")))
+        if name == "zero" and train.gpus > 1:
+            rows.append(sharded(plain, "full-shard", name))
+            continue
+        rows.append((name, replace(plain, shard="none")))
         if train.gpus > 1 and shard == "none" and name in ("mixed", "lora"):
-            rows.append((f"{name} · full-shard", replace(plain, shard="full-shard")))
+            rows.append(sharded(plain, "full-shard", name))
     return rows
 
 

@@ -19,7 +19,8 @@ def fits(
         "--memory", help="Capacity instead of --gpu, e.g. 24GiB or 80GB.")] = None,
     rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
-    gpus: o.Gpus = 1, shard: o.Shard = "none", classes: o.Classes = 2,
+    gpus: o.Gpus = 1, shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
+    classes: o.Classes = 2,
     prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
@@ -53,7 +54,7 @@ def fits(
                      prompt_tokens=prompt_tokens, optimizer=optimizer,
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                      attention=attention, impl=impl,
-                     lora_backend=lora_backend, shard=shard)
+                     lora_backend=lora_backend, shard=shard, param_dtype=param_dtype)
     result = check(job.spec, job.train, capacity, o.parse_reserve(reserve), job.params)
     if json_out:
         print_json(result.to_dict() | {"gpu": label, "assumed": job.assumed})

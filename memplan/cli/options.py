@@ -30,6 +30,9 @@ Shard = Annotated[str, typer.Option(
     "--shard", help="FSDP over --gpus for this regime: none, full-shard (FULL_SHARD, "
     "ZeRO-3-like) or shard-grad-op (SHARD_GRAD_OP: blocks stay gathered from forward to "
     "backward). Regime zero is full-shard already.")]
+ParamDtype = Annotated[str, typer.Option(
+    "--param-dtype", help="FSDP's MixedPrecisionPolicy: fp32 (none) or bf16 (parameters "
+    "gathered, computed with and differentiated in bf16; gradients reduced in fp32).")]
 Classes = Annotated[int, typer.Option("--classes", help="Classes of the classifier head.")]
 Prompt = Annotated[int, typer.Option("--prompt-tokens", help="Soft-prompt tokens P.")]
 Optim = Annotated[str, typer.Option("--optimizer", help="adamw, sgd or sgd-momentum.")]
@@ -100,7 +103,8 @@ def make_job(params: str | None, model: str | None, config: Path | None, *, regi
              gpus: int = 1, classes: int = 2, prompt_tokens: int = 20, optimizer: str = "adamw",
              optimizer_impl: str = "fused", checkpointing: bool = False,
              attention: str = "sdpa", impl: str = "memplan",
-             lora_backend: str = "memplan", shard: str = "none") -> Job:
+             lora_backend: str = "memplan", shard: str = "none",
+             param_dtype: str = "fp32") -> Job:
     """Validate the options and build the job (every bad value raises MemplanError)."""
     spec, n, assumed = resolve_model(params, model, config)
     train = make_train(regime=regime, rank=rank, alpha=alpha, targets=targets,
@@ -108,7 +112,7 @@ def make_job(params: str | None, model: str | None, config: Path | None, *, regi
                        classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                        optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                        attention=attention, impl=impl, lora_backend=lora_backend,
-                       shard=shard)
+                       shard=shard, param_dtype=param_dtype)
     if seq is not None and spec.learned_positions and seq > spec.max_positions:
         raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
                            f"{spec.name}; use --seq {spec.max_positions} or less")
@@ -120,7 +124,8 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
                gpus: int = 1, classes: int = 2, prompt_tokens: int = 20,
                optimizer: str = "adamw", optimizer_impl: str = "fused",
                checkpointing: bool = False, attention: str = "sdpa", impl: str = "memplan",
-               lora_backend: str = "memplan", shard: str = "none") -> TrainSpec:
+               lora_backend: str = "memplan", shard: str = "none",
+               param_dtype: str = "fp32") -> TrainSpec:
     """The TrainSpec of the job options alone, for commands where the model is optional."""
     if isinstance(gpus, int) and gpus < 1:
         raise MemplanError(f"--gpus must be at least 1, got {gpus}")
@@ -129,7 +134,7 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
         lora=LoraSpec(rank=rank, alpha=alpha, targets=targets, train_embeddings=train_embeddings),
         num_classes=classes, prompt_tokens=prompt_tokens, gpus=gpus, optimizer=optimizer,
         optimizer_impl=optimizer_impl, checkpointing=checkpointing, attention=attention,
-        impl=impl, lora_backend=lora_backend, shard=shard,
+        impl=impl, lora_backend=lora_backend, shard=shard, param_dtype=param_dtype,
     )
 
 

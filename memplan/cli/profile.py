@@ -45,7 +45,7 @@ def profile(
         "--nproc", help="Shard with FSDP2 over this many ranks: processes on gloo (cpu), one "
         "per GPU on NCCL (cuda), or the fake process group in one process (fake, any number)."
         )] = None,
-    shard: o.Shard = "none",
+    shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
     gpus: Annotated[int | None, typer.Option(
         "--gpus", help="The GPUs planned; with --nproc it must be the same number.")] = None,
     json_out: o.Json = False,
@@ -63,15 +63,16 @@ def profile(
                      classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                      attention=attention, impl=impl,
-                     lora_backend=lora_backend, shard=shard)
+                     lora_backend=lora_backend, shard=shard, param_dtype=param_dtype)
     if gpus is not None and gpus != (nproc or 1):
         raise MemplanError(f"--gpus {gpus} does not match --nproc {nproc or 1}: a profile plans "
                            "the ranks it runs; give the same number (or only --nproc)")
     if nproc is not None and nproc < 1:
         raise MemplanError(f"--nproc must be at least 1, got {nproc}")
     sharded = nproc is not None and nproc > 1
-    if shard != "none" and not sharded:
-        raise MemplanError(f"--shard {shard} needs ranks to shard over: add --nproc 2 or more")
+    if (shard != "none" or param_dtype != "fp32") and not sharded:
+        flag = f"--shard {shard}" if shard != "none" else f"--param-dtype {param_dtype}"
+        raise MemplanError(f"{flag} needs ranks to shard over: add --nproc 2 or more")
     if not 1 <= steps <= MAX_STEPS:
         raise MemplanError(f"--steps must be 1 to {MAX_STEPS}, got {steps}; the peak is "
                            "steady after one step")

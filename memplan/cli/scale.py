@@ -22,6 +22,7 @@ def scale(
         ] = None,
     shard: Annotated[str, typer.Option(
         "--shard", help="FSDP strategy: full-shard or shard-grad-op.")] = "full-shard",
+    param_dtype: o.ParamDtype = "fp32",
     max_gpus: Annotated[int, typer.Option(
         "--max-gpus", help="Search up to this many GPUs.")] = 1024,
     per_node: Annotated[int, typer.Option(
@@ -61,9 +62,11 @@ def scale(
                      train_embeddings=train_embeddings, batch=batch, seq=seq,
                      optimizer=optimizer, optimizer_impl=optimizer_impl,
                      checkpointing=checkpointing, attention=attention)
+    if param_dtype not in ("fp32", "bf16"):
+        raise MemplanError(f"--param-dtype must be fp32 or bf16, got {param_dtype!r}")
     reserve_bytes = o.parse_reserve(reserve)
-    results = [run(job.spec, job.train, name, capacity, reserve_bytes, max_gpus, per_node, shard)
-               for name in regimes]
+    results = [run(job.spec, job.train, name, capacity, reserve_bytes, max_gpus, per_node, shard,
+                   param_dtype) for name in regimes]
     if json_out:
         print_json({"model": job.spec.name, "gpu": label, "capacity_bytes": capacity,
                     "reserve_bytes": reserve_bytes, "shard": shard, "max_gpus": max_gpus,

@@ -85,7 +85,8 @@ def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc:
     setup = prepare(model, regime, lora=train.lora, optimizer=train.optimizer,
                     impl=train.optimizer_impl,
                     shard=partial(shard_model, mesh=mesh,
-                                  reshard_after_forward=reshard_after_forward))
+                                  reshard_after_forward=reshard_after_forward,
+                                  param_dtype=train.param_dtype))
     gen = torch.Generator(device="cpu").manual_seed(seed + 1 + rank)  # data differs by rank
     ids = torch.randint(spec.vocab_size, (train.batch, train.seq), generator=gen).to(torch_device)
     labels = torch.randint(spec.vocab_size, (train.batch, train.seq),

@@ -148,11 +148,17 @@ FSDP_CPU_MATRIX: list[Row] = [
                        optimizer_impl="foreach")),
     ("llama-tiny", dict(regime="lora", batch=2, seq=256, gpus=4, checkpointing=True,
                         attention="eager")),
+    # FSDP's MixedPrecisionPolicy (bf16 parameters and gradients, fp32 reduce-scatter)
+    ("llama-tiny", dict(regime="zero", batch=2, seq=64, gpus=2, param_dtype="bf16")),
+    ("gpt2-tiny", dict(regime="lora", batch=2, seq=128, gpus=3, param_dtype="bf16")),
 ]
 FSDP_FAKE_MATRIX: list[Row] = [
     (m, dict(regime=r, batch=1, seq=512, gpus=n))
     for m, regimes in (("llama-2-7b", ("zero", "mixed", "lora")), ("llama-2-70b", ("zero", "lora")))
     for r in regimes for n in (8, 64, 1024)
+] + [
+    ("llama-2-7b", dict(regime=r, batch=1, seq=512, gpus=n, param_dtype="bf16"))
+    for r in ("zero", "lora") for n in (8, 64)
 ]
 
 

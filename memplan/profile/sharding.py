@@ -46,18 +46,22 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     raise MemplanError(f"cannot find the transformer blocks of a {type(model).__name__}")
 
 
-def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True) -> None:
+def shard_model(model: nn.Module, mesh: Any, reshard_after_forward: bool = True,
+                param_dtype: str = "fp32") -> None:
     """``fully_shard`` each transformer block, then the root (embeddings, final norm, head).
 
     ``reshard_after_forward=False`` keeps each block's gathered parameters from its forward to
     its backward (FSDP's SHARD_GRAD_OP, ZeRO-2-like); the root is never resharded after forward.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                            reduce_dtype=torch.float32)} \
+        if param_dtype == "bf16" else {}
     with _lazy_chunks():
         for block in _blocks(model):
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-        fully_shard(model, mesh=mesh)  # FSDP2's default: the root keeps its gathered parameters
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, **mp)
+        fully_shard(model, mesh=mesh, **mp)  # the root keeps its gathered parameters
 
 
 class _Chunks(Sequence):
