@@ -138,6 +138,7 @@ def pools(command: str, name: str, files: dict[str, str]) -> tuple[list[str], li
         "nproc": (["1"], ["0", "-1", "100000", "x", ""]),
         "shard": ((["full-shard", "shard-grad-op"] if command == "scale" else list(SHARDS)),
                   ["x", "", "FULL", "none" if command == "scale" else "zero"]),
+        "param_dtype": (["fp32", "bf16"], ["fp16", "", "BF16"]),
         "max_gpus": (["8", "64", "1024"], INT_BAD),
         "per_node": (["1", "4", "8"], INT_BAD),
         "kind": (["regimes", "breakdown", "rank", "batch", "validation"],
