@@ -26,7 +26,10 @@ from memplan.spec import TrainSpec
 from memplan.units import format_bytes
 
 MODELS = ("llama-2-7b", "llama-2-70b")
-REGIMES = ("zero", "mixed", "lora")
+# (label, regime, FSDP parameter dtype): fp32 as the notes count, and FSDP's bf16 policy
+VARIANTS = (("zero", "zero", "fp32"), ("mixed", "mixed", "fp32"), ("lora", "lora", "fp32"),
+            ("zero bf16", "zero", "bf16"), ("lora bf16", "lora", "bf16"))
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:olive")
 GPU_COUNTS = tuple(2**k for k in range(11))  # 1 to 1024
 JOB = TrainSpec(batch=1, seq=512)  # the fake validation rows' job
 
@@ -56,13 +59,15 @@ def curves(measured: list[dict]) -> dict:
         n = count_params(spec)
         entry = {"N": n, "notes_16N_over_M": {m: 16 * n // m for m in GPU_COUNTS}, "plan": {},
                  "measured": {}}
-        for regime in REGIMES:
-            entry["plan"][regime] = {m: per_gpu(spec, replace(JOB, regime=regime), regime,
-                                                m).total_bytes for m in GPU_COUNTS}
-            entry["measured"][regime] = {
+        for label, regime, dtype in VARIANTS:
+            entry["plan"][label] = {m: per_gpu(spec, replace(JOB, regime=regime), regime, m,
+                                               param_dtype=dtype).total_bytes
+                                    for m in GPU_COUNTS}
+            options = "batch=1 seq=512" + (f" param_dtype={dtype}" if dtype != "fp32" else "")
+            entry["measured"][label] = {
                 r["nproc"]: _rank0(r) for r in measured
                 if r.get("model") == model and r.get("regime") == regime and "ranks" in r
-                and r.get("options", "").startswith("batch=1 seq=512 ")}
+                and r.get("options") == f"{options} ×{r['nproc']} full-shard"}
         out[model] = entry
     return out
 
@@ -79,16 +84,18 @@ def markdown(data: dict, paper: list[dict], meta: dict) -> str:
              f"Produced by `{meta['command']}` on {meta['date']} (torch {meta['torch']}). "
              "Plan: rank 0 of FSDP2 FULL_SHARD (the rank that owns the most rows), batch 1 × "
              "seq 512 per GPU, fp32 AdamW (zero), the mixed recipe, LoRA r=8 on all linear "
-             "layers; M = 1 is the regime unsharded. Measured: the fake process group under "
+             "layers, and zero and LoRA under FSDP's bf16 policy (`MixedPrecisionPolicy("
+             "param_dtype=bf16, reduce_dtype=fp32)`: bf16 gathers, activations and gradients); "
+             "M = 1 is the regime unsharded (in fp32). Measured: the fake process group under "
              "FakeTensorMode, rank 0, from `reports/validation-fsdp-fake`.", "",
              "![per-GPU memory against M](scaling.png)", ""]
     for model, entry in data.items():
         lines += [f"## {model} (N = {entry['N']:,})", "",
-                  "| M | 16N/M | " + " | ".join(f"{r} plan | {r} measured" for r in REGIMES)
-                  + " |", "|---:|---:|" + "---:|---:|" * len(REGIMES)]
+                  "| M | 16N/M | " + " | ".join(f"{v[0]} plan | measured" for v in VARIANTS)
+                  + " |", "|---:|---:|" + "---:|---:|" * len(VARIANTS)]
         for m in GPU_COUNTS:
             cells = [format_bytes(entry["notes_16N_over_M"][m])]
-            for r in REGIMES:
+            for r, _, _ in VARIANTS:
                 meas = entry["measured"][r].get(m)
                 cells += [format_bytes(entry["plan"][r][m]),
                           format_bytes(meas) if meas else "–"]
@@ -118,9 +125,9 @@ def figure(data: dict) -> Any:
         ms = list(GPU_COUNTS)
         ax.plot(ms, [entry["notes_16N_over_M"][m] / 2**30 for m in ms], "k--", lw=1.2,
                 label="16N/M (the notes)")
-        for regime, color in zip(REGIMES, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+        for (regime, _, dtype), color in zip(VARIANTS, COLORS, strict=True):
             ax.plot(ms, [entry["plan"][regime][m] / 2**30 for m in ms], color=color, lw=2,
-                    label=f"{regime}: plan")
+                    ls="-" if dtype == "fp32" else "-.", label=f"{regime}: plan")
             points = sorted(entry["measured"][regime].items())
             if points:
                 ax.plot([m for m, _ in points], [v / 2**30 for _, v in points], "o",
