@@ -35,8 +35,8 @@ def scale(
 ) -> None:
     """The fewest GPUs that fit each regime, and the per-GPU memory for each GPU count.
 
-    Per GPU is rank 0's plan (the fullest): FSDP shards with padding, the gathered units, and,
-    with --batch and --seq, the activations of the micro-batch each GPU runs.
+    Per GPU is rank 0's plan (the fullest): padded FSDP shards and the gathered units;
+    with --batch and --seq, also the activations of each GPU's micro-batch.
     """
     from memplan.errors import MemplanError
     from memplan.presets import get_gpu
