@@ -61,7 +61,13 @@ def fits(
     else:
         out = console()
         verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
-        out.print(f"{job.spec.name} · {regime} on {label}: {verdict}")
+        from memplan.fsdp import is_sharded, strategy
+
+        how = ""
+        if is_sharded(job.train):
+            how = f" (one of {gpus} GPUs: rank 0 of FSDP {strategy(job.train)}" + \
+                (", bf16 policy)" if job.train.param_dtype == "bf16" else ")")
+        out.print(f"{job.spec.name} · {regime}{how} on {label}: {verdict}")
         out.print(f"required {format_bytes(result.required_bytes)} (plan "
                   f"{format_bytes(result.breakdown.total_bytes)} + reserve "
                   f"{format_bytes(result.reserve_bytes)}) of {format_bytes(capacity)}; "
