@@ -24,7 +24,7 @@ from memplan import params as P
 from memplan.attention import attention
 from memplan.autograd import ALIAS, FP32, INT64, Moment, Sym, Tape
 from memplan.regimes import ModelState
-from memplan.spec import ModelSpec, TrainSpec
+from memplan.spec import PAPER_STAGES, ModelSpec, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,6 @@ class _Job:
 
 
 
-PAPER_STAGES = ("zero1", "zero2", "zero3")  # fp16 parameters and gradients (the ZeRO paper)
 FULL_REGIMES = ("full", "mixed", "zero", *PAPER_STAGES)
 LORA_REGIMES = ("lora", "lora-bf16", "qlora")
 

@@ -35,16 +35,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from memplan import optimizer as O
 from memplan import params as P
 from memplan.errors import MemplanError
-from memplan.spec import ModelSpec, TrainSpec
+from memplan.spec import PAPER_STAGES, ModelSpec, TrainSpec
 
 STRATEGIES = ("full-shard", "shard-grad-op")
 # Regimes whose trainable parameters all live inside the model, so FSDP shards and syncs them.
 # Heads, input adapters and prompts held outside it are not; QLoRA's NF4 base is
 # bitsandbytes' own storage, not planned sharded here.
 SHARDABLE_REGIMES = ("zero", "full", "mixed", "lora", "lora-bf16", "bitfit")
-PAPER_STAGES = ("zero1", "zero2", "zero3")  # the ZeRO paper's accounting (regimes.py)
 
 
 def is_sharded(train: TrainSpec) -> bool:
@@ -162,7 +162,6 @@ def units(spec: ModelSpec, train: TrainSpec) -> tuple[Unit, Unit]:
     itemsize = 2 if regime == "lora-bf16" else 4
     targeted = {l.name for l in P.check_rank(spec, train.lora)} if lora else set()
     rank = train.lora.rank
-    block: list[Param] = []
     layers = P.block_linears(spec)
     norm = _norm(spec, itemsize, full, full or bitfit)
 
@@ -202,25 +201,15 @@ def rank_states(spec: ModelSpec, train: TrainSpec, m: int, rank: int) -> RankSta
     local = [(p, p.local(m, rank)) for p in trainable]
     mixed = train.regime == "mixed"
     opt = train.optimizer
-    if mixed:  # MixedAdamW: bf16 m and fp32 v (2 + 4), bf16 gradient buffers
-        per_elem = {"adamw": 6, "sgd": 0, "sgd-momentum": 2}[opt]
-        states = sum(n for _, n in local) * per_elem
+    if mixed:  # MixedAdamW: bf16 m and fp32 v, bf16 gradient buffers
+        states = sum(n for _, n in local) * O.STATE_BYTES_MIXED[opt]
         counters = 0
     else:  # torch.optim keeps its states in the parameter's dtype
-        per = {"adamw": 2, "sgd": 0, "sgd-momentum": 1}[opt]
-        states = sum(per * n * p.itemsize for p, n in local)
-        counters = 4 * len(trainable) if opt == "adamw" else 0
-    largest = max((n * p.itemsize for p, n in local), default=0)
-    if opt != "adamw":
-        temps = 0
-    elif mixed:
-        temps = 2 * 4 * max((n for _, n in local), default=0)  # g32 and m32 of one tensor
-    elif train.optimizer_impl == "foreach":
-        temps = sum(n * p.itemsize for p, n in local)  # sqrt of every second moment
-    elif train.optimizer_impl == "forloop":
-        temps = 2 * largest
-    else:
-        temps = 0
+        states = sum(O.STATE_BYTES_FP32[opt] // 4 * n * p.itemsize for p, n in local)
+        counters = O.STEP_COUNTER_BYTES * len(trainable) if opt == "adamw" else 0
+    temps = O.step_temporaries(train, sum(n * p.itemsize for p, n in local),
+                               max((n for _, n in local), default=0),
+                               max((n * p.itemsize for p, n in local), default=0))
     return RankStates(
         weights=root.sharded(m) + spec.num_layers * block.sharded(m),
         optimizer_states=states + counters,
@@ -372,10 +361,6 @@ class Schedule:
             self.post_backward(i)
         self.grads -= self._rs_state
         self._rs_state = 0
-
-    def sharded_grads(self) -> int:
-        """Bytes of the sharded gradients the backward leaves (the reduce-scatter outputs)."""
-        return self.grads
 
 
 def schedule(spec: ModelSpec, train: TrainSpec, m: int) -> Schedule:

@@ -18,6 +18,9 @@ from memplan.spec import ModelSpec, TrainSpec
 
 MIXED_STEP_COPIES = 2  # memplan.nn.optim.MixedAdamW: g32 and m32 of one parameter
 STEP_COUNTER_BYTES = 4  # torch.optim.AdamW: state["step"], a 0-d fp32 tensor
+# Bytes per trainable element of the optimizer state (fp32 unless the mixed recipe says bf16).
+STATE_BYTES_FP32 = {"adamw": 8, "sgd": 0, "sgd-momentum": 4}   # m and v / momentum / nothing
+STATE_BYTES_MIXED = {"adamw": 2 + 4, "sgd": 0, "sgd-momentum": 2}  # bf16 m, fp32 v
 
 
 def trainable_tensors(spec: ModelSpec, train: TrainSpec) -> list[int]:
@@ -63,10 +66,20 @@ def step_temporary_bytes(spec: ModelSpec, train: TrainSpec, trainable_bytes: int
     if train.optimizer != "adamw":
         return 0
     largest = max(trainable_tensors(spec, train))
+    return step_temporaries(train, trainable_bytes, largest, itemsize * largest)
+
+
+def step_temporaries(train: TrainSpec, trainable_bytes: int, largest_elements: int,
+                     largest_bytes: int) -> int:
+    """What ``optimizer.step()`` allocates, from the trainable tensors it steps (the whole
+    model's, or one FSDP rank's local shards): all of them in bytes, the largest one in
+    elements and in bytes."""
+    if train.optimizer != "adamw":
+        return 0
     if train.regime == "mixed":
-        return MIXED_STEP_COPIES * 4 * largest
+        return MIXED_STEP_COPIES * 4 * largest_elements
     if train.optimizer_impl == "foreach":
         return trainable_bytes
     if train.optimizer_impl == "forloop":
-        return 2 * itemsize * largest
+        return 2 * largest_bytes
     return 0

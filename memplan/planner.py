@@ -28,7 +28,7 @@ from memplan import optimizer as O
 from memplan import params as P
 from memplan.errors import MemplanError
 from memplan.regimes import ModelState, model_state
-from memplan.spec import ModelSpec, TrainSpec
+from memplan.spec import PAPER_STAGES, ModelSpec, TrainSpec
 
 COMPONENTS = ("weights", "gradients", "optimizer_states", "master_weights", "activations",
               "temporaries")
@@ -197,7 +197,7 @@ def _largest_itemsize(state: ModelState) -> int:
 
 def _trainable_param_bytes(state: ModelState) -> int:
     """Bytes of the trainable parameters themselves, in their own dtype."""
-    if state.regime in ("zero1", "zero2", "zero3"):
+    if state.regime in PAPER_STAGES:
         return state.master_weights_bytes  # the optimizer steps the fp32 master shard
     if state.regime in ("full", "mixed", "zero"):
         return state.weights_bytes

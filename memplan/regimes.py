@@ -23,11 +23,8 @@ from dataclasses import dataclass
 from memplan import params as P
 from memplan.errors import MemplanError
 from memplan.fsdp import check_shardable
+from memplan.optimizer import STATE_BYTES_FP32, STATE_BYTES_MIXED
 from memplan.spec import ModelSpec, TrainSpec
-
-# Bytes per trainable element of the optimizer state (fp32 unless the mixed recipe says bf16).
-_OPT_STATE_FP32 = {"adamw": 8, "sgd": 0, "sgd-momentum": 4}   # m and v / momentum / nothing
-_OPT_STATE_MIXED = {"adamw": 2 + 4, "sgd": 0, "sgd-momentum": 2}  # bf16 m, fp32 v
 
 # QLoRA's NF4 storage (Dettmers et al. 2023, QLoRA, section 3): 4-bit codes, one 8-bit absmax
 # per block of 64 weights, and with double quantisation one fp32 absmax per 256 such blocks:
@@ -140,13 +137,13 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
 
     regime = train.regime
     if regime in ("full", "zero"):
-        s = _OPT_STATE_FP32[opt]
+        s = STATE_BYTES_FP32[opt]
         shard = gpus if regime == "zero" else 1
         formula = f"{_coef(8 + s)}N" + ("/M" if regime == "zero" else "")
         return ModelState(regime, formula, 4 * n // shard, 4 * n // shard, s * n // shard, 0,
                           trainable, 0, 4, 4, True, symbols | ({"M": gpus} if shard > 1 else {}))
     if regime == "mixed":
-        s = _OPT_STATE_MIXED[opt]
+        s = STATE_BYTES_MIXED[opt]
         return ModelState(regime, f"{_coef(6 + s)}N", 4 * n, 2 * n, s * n, 0, trainable, 0, 2,
                           4, True, symbols)
     if regime in ("zero1", "zero2", "zero3"):
@@ -164,7 +161,7 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
     # Frozen base, a small trainable set. New parameters (adapters, heads, prompts) are fp32 with
     # fp32 grads and states; existing ones that train (LoRA's embeddings, BitFit's biases) keep
     # the base's dtype, and torch.optim keeps their states in that dtype too.
-    s = _OPT_STATE_FP32[opt]
+    s = STATE_BYTES_FP32[opt]
     if regime == "lora-bf16":
         base, compute = 2 * n, 2
     elif regime == "qlora":

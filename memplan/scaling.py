@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from memplan.errors import MemplanError
-from memplan.fsdp import PAPER_STAGES, SHARDABLE_REGIMES
+from memplan.fsdp import SHARDABLE_REGIMES
 from memplan.planner import Breakdown, plan
-from memplan.spec import MAX_JOB_SIZE, ModelSpec, TrainSpec
+from memplan.spec import MAX_JOB_SIZE, PAPER_STAGES, ModelSpec, TrainSpec
 
 SCALABLE_REGIMES = SHARDABLE_REGIMES + PAPER_STAGES
 DEFAULT_REGIMES = ("zero", "mixed", "lora")

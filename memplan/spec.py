@@ -16,6 +16,7 @@ REGIMES = (
     "lora-bf16", "qlora", "bitfit", "prompt-tuning", "zero1", "zero2", "zero3",
 )
 NOTES_REGIMES = REGIMES[:6]
+PAPER_STAGES = ("zero1", "zero2", "zero3")  # the ZeRO paper's mixed-precision accounting
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
 OPTIMIZER_IMPLS = ("fused", "foreach", "forloop")
 ATTENTIONS = ("sdpa", "eager", "flash")
