@@ -9,14 +9,11 @@ accounting of its stages.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from memplan.errors import MemplanError
 from memplan.params import count_params
 from memplan.planner import plan
 from memplan.presets import get_model
@@ -145,28 +142,15 @@ def figure(data: dict) -> Any:
 def write_scaling_report(rows: list[dict], out_dir: Path, meta: dict) -> list[Path]:
     """Write scaling.{json,md,png} into ``out_dir``, each whole or not at all."""
     from memplan.plots import save_figure
+    from memplan.profile.validate import write_staged
 
     data = curves(rows)
     paper = paper_check()
     doc = {"meta": meta, "job": {"batch": JOB.batch, "seq": JOB.seq}, "models": data,
            "zero_paper": paper}
     stem = out_dir / "scaling"
-    staged: list[tuple[Path, Path]] = []
-    try:
-        png = stem.with_suffix(".png")
-        staged.append((png.with_name(".scaling.new.png"), png))
-        save_figure(figure(data), staged[-1][0])
-        for suffix, text in ((".json", json.dumps(doc, indent=1) + "\n"),
-                             (".md", markdown(data, paper, meta))):
-            target = stem.with_suffix(suffix)
-            staged.append((target.with_name(f".{target.name}.tmp"), target))
-            staged[-1][0].write_text(text)
-        for tmp, target in staged:
-            os.replace(tmp, target)
-    except OSError as exc:
-        raise MemplanError(f"cannot write {stem}.*: {exc.strerror or exc}") from None
-    finally:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-    return [target for _, target in staged]
+    return write_staged([
+        (stem.with_suffix(".png"), lambda tmp: save_figure(figure(data), tmp)),
+        (stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(doc, indent=1) + "\n")),
+        (stem.with_suffix(".md"), lambda tmp: tmp.write_text(markdown(data, paper, meta))),
+    ])

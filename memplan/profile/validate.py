@@ -7,6 +7,7 @@ at all (temporary file, then rename), and says whether the run was complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -59,14 +60,18 @@ def run_row(model: str, kw: dict, device: str, steps: int = 2,
 
         extra = {"notes_bytes": result.predicted.model_state_bytes,
                  "accelerate_bytes": accelerate_training_bytes(spec, result.train)}
-    return extra | {"model": label, "regime": kw["regime"], "options": _options(kw),
-            "predicted_bytes": result.predicted.total_bytes,
+    return extra | {"model": label, "regime": kw["regime"], "options": _options(kw)} \
+        | _compared(result) | {"wall_seconds": round(result.measured.wall_seconds, 2)}
+
+
+def _compared(result) -> dict:
+    """A ProfileResult's plan beside its measurement, as the report's record holds them."""
+    return {"predicted_bytes": result.predicted.total_bytes,
             "measured_bytes": result.measured.peak_bytes,
             "relative_error": result.relative_error,
             "predicted_components": result.predicted.components,
             "measured_components": result.measured.components,
-            "peak_phase": result.predicted.peak_phase,
-            "wall_seconds": round(result.measured.wall_seconds, 2)}
+            "peak_phase": result.predicted.peak_phase}
 
 
 def _sharded_row(model: str, spec, kw: dict, device: str, steps: int) -> dict:
@@ -79,13 +84,7 @@ def _sharded_row(model: str, spec, kw: dict, device: str, steps: int) -> dict:
     worst = result.worst
     return {"model": model, "regime": kw["regime"], "nproc": nproc,
             "shard": result.train.shard,
-            "options": _options(kw) + f" ×{nproc} {result.train.shard}",
-            "predicted_bytes": worst.predicted.total_bytes,
-            "measured_bytes": worst.measured.peak_bytes,
-            "relative_error": worst.relative_error,
-            "predicted_components": worst.predicted.components,
-            "measured_components": worst.measured.components,
-            "peak_phase": worst.predicted.peak_phase,
+            "options": _options(kw) + f" ×{nproc} {result.train.shard}"} | _compared(worst) | {
             "ranks": [{"rank": r.measured.extra.get("rank"),
                        "predicted_bytes": r.predicted.total_bytes,
                        "measured_bytes": r.measured.peak_bytes,
@@ -130,34 +129,49 @@ def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict,
     stem = out_dir / (name or report_name(device))
     doc = {"device": device, "name": stem.name, "status": meta.get("status", "complete"),
            "summary": summarise(rows), "meta": meta, "rows": rows}
-    staged: list[tuple[Path, Path]] = []  # (temporary, target)
-    target = out_dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            from memplan.plots import save_figure, validation_figure
-        except ImportError:  # matplotlib missing: the tables still stand
-            pass
-        else:
-            target = stem.with_suffix(".png")
-            staged.append((target.with_name(f".{target.stem}.new.png"), target))
-            save_figure(validation_figure(rows, title=meta.get("command", f"memplan validate "
-                                                                     f"--device {device}")),
-                        staged[-1][0])
-        for suffix, text in ((".json", json.dumps(doc, indent=1) + "\n"),
-                             (".md", markdown(doc))):
-            target = stem.with_suffix(suffix)
-            staged.append((target.with_name(f".{target.name}.tmp"), target))
-            staged[-1][0].write_bytes(text.encode())
+    except OSError as exc:
+        raise _write_error(out_dir, exc) from None
+    files = [(stem.with_suffix(".json"), _text(json.dumps(doc, indent=1) + "\n")),
+             (stem.with_suffix(".md"), _text(markdown(doc)))]
+    try:
+        from memplan.plots import save_figure, validation_figure
+    except ImportError:  # matplotlib missing: the tables still stand
+        pass
+    else:
+        title = meta.get("command", f"memplan validate --device {device}")
+        files.append((stem.with_suffix(".png"),
+                      lambda tmp: save_figure(validation_figure(rows, title=title), tmp)))
+    return write_staged(files)
+
+
+def _text(text: str) -> Callable[[Path], None]:
+    return lambda tmp: tmp.write_bytes(text.encode())
+
+
+def write_staged(files: list[tuple[Path, Callable[[Path], None]]]) -> list[Path]:
+    """Write each ``(target, write)`` (``write(tmp)`` makes the file) to a temporary name
+    beside its target, and rename them all into place only once all are written: each whole
+    or not at all. A disk that fails (full, read-only) leaves every previous file as it was
+    and raises :class:`MemplanError`."""
+    staged: list[tuple[Path, Path]] = []  # (temporary, target)
+    target = files[0][0] if files else Path()
+    try:
+        for target, write in files:
+            tmp = target.with_name(f".{target.stem}.new.png" if target.suffix == ".png"
+                                   else f".{target.name}.tmp")
+            staged.append((tmp, target))
+            write(tmp)
         for tmp, target in staged:
             os.replace(tmp, target)
     except OSError as exc:
         raise _write_error(target, exc) from None
     finally:
         for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-    pngs = [target for _, target in staged if target.suffix == ".png"]
-    return [stem.with_suffix(".json"), stem.with_suffix(".md"), *pngs]
+            with contextlib.suppress(OSError):  # a folder that is a file cannot hold it
+                tmp.unlink(missing_ok=True)
+    return [target for _, target in staged]
 
 
 def markdown(doc: dict) -> str:
