@@ -11,10 +11,8 @@ import json
 from dataclasses import replace
 
 import pytest
-from typer.testing import CliRunner
 
 from memplan import fsdp as F
-from memplan.cli.app import load_commands
 from memplan.errors import MemplanError
 from memplan.params import count_params
 from memplan.planner import plan
@@ -144,13 +142,6 @@ def test_unshardable_regimes_are_refused(regime, shard, match):
 
 
 # ---- the commands -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cli():
-    app = load_commands()
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args))
-
 
 def test_estimate_over_gpus_shows_fsdp_rows(cli):
     r = cli("estimate", "--model", "llama-2-7b", "--gpus", "8", "--batch", "1", "--seq", "512",

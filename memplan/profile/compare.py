@@ -104,8 +104,6 @@ def check_runnable(predicted: Breakdown, device: str) -> None:
 
 
 # -- sharded runs: every rank of FSDP2 against its own plan --------------------------------------
-MAX_FAKE_RANKS = 2**16  # one process stands for them all; FSDP2's records grow with M
-CPU_RANKS_PER_CORE = 8  # beyond this, oversubscribed gloo ranks crawl toward their timeouts
 RANK_PROCESS_BYTES = 600 * 2**20  # a CPU rank's own process: the interpreter, torch, gloo
 
 
@@ -158,25 +156,6 @@ def sharded_job(train: TrainSpec, nproc: int) -> TrainSpec:
                    else train.shard)
 
 
-def check_nproc(nproc: int, device: str) -> None:
-    """``--nproc`` within what this machine can run (one clear line otherwise)."""
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise MemplanError(f"--nproc must be a positive integer, got {nproc!r}")
-    if device == "cpu":
-        cores = os.cpu_count() or 1
-        if nproc > CPU_RANKS_PER_CORE * cores:
-            raise MemplanError(f"--nproc {nproc} is more gloo processes than this machine's "
-                               f"{cores} CPU cores can keep in step (at most "
-                               f"{CPU_RANKS_PER_CORE * cores}); use --device fake for more ranks")
-    elif device == "cuda":
-        gpus = torch.cuda.device_count()
-        if nproc > gpus:
-            raise MemplanError(f"--nproc {nproc} needs {nproc} GPUs, this machine has {gpus}; "
-                               "use --device fake to dry-run more ranks")
-    elif nproc > MAX_FAKE_RANKS:
-        raise MemplanError(f"--nproc {nproc} is beyond {MAX_FAKE_RANKS:,} fake ranks")
-
-
 def profile_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str = "auto",
                     steps: int = 2, capacity_bytes: int | None = None) -> ShardedResult:
     """Run ``train`` with FSDP2 over ``nproc`` ranks and hold every rank against its plan.
@@ -185,14 +164,14 @@ def profile_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
     fake process group in this process, measuring the first and the last rank (the others
     hold what one of them holds, their shards being the same padded size).
     """
-    from memplan.profile.distributed import measure_fake_sharded, measure_sharded
+    from memplan.profile.distributed import check_nproc, measure_fake_sharded, measure_sharded
     from memplan.profile.sharding import check_sharded
 
     device = resolve_device(device)
     if train.impl != "memplan":
         raise MemplanError("sharded runs use memplan's reference models; drop --impl hf")
-    check_nproc(nproc, device)
     check_sharded(train, nproc)
+    check_nproc(nproc, device)
     job = sharded_job(train, nproc)
     plans = {r: plan(spec, job, runtime=device, rank=r) for r in sorted({0, nproc - 1})}
     check_runnable_ranks(plans[0], device, nproc)

@@ -54,6 +54,26 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT_S = 120.0  # per collective (and the rendezvous)
 DEFAULT_DEADLINE_S = 900.0  # the whole run
 FAILURE_GRACE_S = 2.0  # after a rank fails, how long the others get to report their errors
+MAX_FAKE_RANKS = 2**16  # one process stands for them all; FSDP2's records grow with M
+CPU_RANKS_PER_CORE = 8  # beyond this, oversubscribed gloo ranks crawl toward their timeouts
+
+
+def check_nproc(nproc: int, device: str) -> None:
+    """``--nproc`` (already a positive integer: ``check_sharded``) within what this machine
+    can run: gloo processes per core, visible GPUs, fake ranks (one clear line otherwise)."""
+    if device == "cpu":
+        cores = os.cpu_count() or 1
+        if nproc > CPU_RANKS_PER_CORE * cores:
+            raise MemplanError(f"--nproc {nproc} is more gloo processes than this machine's "
+                               f"{cores} CPU cores can keep in step (at most "
+                               f"{CPU_RANKS_PER_CORE * cores}); use --device fake for more ranks")
+    elif device == "cuda":
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise MemplanError(f"--nproc {nproc} needs {nproc} GPUs, this machine has {gpus}; "
+                               "use --device fake to dry-run more ranks")
+    elif nproc > MAX_FAKE_RANKS:
+        raise MemplanError(f"--nproc {nproc} is beyond {MAX_FAKE_RANKS:,} fake ranks")
 
 
 def _inject(rank: int) -> None:
@@ -256,9 +276,7 @@ def measure_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
     if device not in BACKENDS:
         raise MemplanError(f"sharded runs use --device cpu (gloo) or cuda (nccl), got "
                            f"{device!r}; for --device fake use measure_fake_sharded")
-    if device == "cuda" and nproc > torch.cuda.device_count():
-        raise MemplanError(f"--nproc {nproc} needs {nproc} GPUs, this machine has "
-                           f"{torch.cuda.device_count()}")
+    check_nproc(nproc, device)
     import torch.multiprocessing as mp
 
     store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=timeout_s),

@@ -9,9 +9,6 @@ import pytest
 
 pytest.importorskip("torch.distributed.fsdp")
 
-from typer.testing import CliRunner  # noqa: E402
-
-from memplan.cli.app import load_commands  # noqa: E402
 from memplan.planner import plan  # noqa: E402
 from memplan.presets import get_model  # noqa: E402
 from memplan.profile.compare import profile_sharded  # noqa: E402
@@ -60,13 +57,6 @@ def test_profile_sharded_fake_measures_the_first_and_last_rank():
     doc = result.to_dict()
     assert doc["nproc"] == 6 and [r["rank"] for r in doc["ranks"]] == [0, 5]
     assert doc["ranks"][0]["predicted"]["peak_bytes"] >= doc["ranks"][1]["predicted"]["peak_bytes"]
-
-
-@pytest.fixture(scope="module")
-def cli():
-    app = load_commands()
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args))
 
 
 def test_profile_nproc_json(cli):
