@@ -38,11 +38,12 @@ def scale(
     Per GPU is rank 0's plan (the fullest): padded FSDP shards and the gathered units;
     with --batch and --seq, also the activations of each GPU's micro-batch.
     """
-    from memplan.errors import MemplanError
+    from memplan.errors import MemplanError, unknown
     from memplan.presets import get_gpu
     from memplan.report import console, print_json, scale_table
     from memplan.scaling import DEFAULT_REGIMES, check_scalable
     from memplan.scaling import scale as run
+    from memplan.spec import PARAM_DTYPES
     from memplan.units import format_bytes, parse_bytes
 
     if (gpu is None) == (memory is None):
@@ -62,8 +63,8 @@ def scale(
                      train_embeddings=train_embeddings, batch=batch, seq=seq,
                      optimizer=optimizer, optimizer_impl=optimizer_impl,
                      checkpointing=checkpointing, attention=attention)
-    if param_dtype not in ("fp32", "bf16"):
-        raise MemplanError(f"--param-dtype must be fp32 or bf16, got {param_dtype!r}")
+    if param_dtype not in PARAM_DTYPES:  # TrainSpec's own check, before any plan
+        raise unknown("FSDP parameter dtype", param_dtype, PARAM_DTYPES)
     reserve_bytes = o.parse_reserve(reserve)
     results = [run(job.spec, job.train, name, capacity, reserve_bytes, max_gpus, per_node, shard,
                    param_dtype) for name in regimes]
