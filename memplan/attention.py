@@ -1,6 +1,6 @@
 """Attention on the symbolic tape: what each PyTorch kernel keeps for backward.
 
-``job`` is :class:`memplan.activations._Job` (the model, the job, batch, sequence, dtype, the
+``job`` is :class:`memplan.arch.base.Job` (the model, the job, batch, sequence, dtype, the
 runtime and Hugging Face's materialised mask, if any).
 """
 
@@ -76,7 +76,8 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
         tape.op(masked, [(scaled, scaled.nbytes)], [mask] if rg else [])
     tape.free(scaled)
     # softmax in fp32 (Llama; GPT-2 in Hugging Face's code: in the scores' dtype)
-    x32 = masked if job.hf and spec.family == "gpt2" else ops.cast(tape, masked, FP32)
+    fp32 = not job.hf or job.profile.eager_softmax_fp32
+    x32 = ops.cast(tape, masked, FP32) if fp32 else masked
     probs32 = tape.new(n_scores, x32.itemsize, rg)
     tape.op(probs32, [(x32, x32.nbytes)], [probs32] if rg else [])  # softmax keeps its output
     if x32 is not masked:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from memplan import optimizer as O
 from memplan import params as P
+from memplan.arch.base import Weight
 from memplan.errors import MemplanError
 from memplan.spec import PAPER_STAGES, ModelSpec, TrainSpec
 
@@ -136,48 +137,41 @@ class Unit:
         return self.trainable[-1].numel * (itemsize or self.trainable[-1].itemsize)
 
 
-def _linear(layer: P.LinearShape, itemsize: int, train_w: bool, train_b: bool,
-            rank: int) -> list[Param]:
-    out = [Param(layer.out_features, layer.out_features * layer.in_features, itemsize, train_w)]
-    if layer.bias:
-        out.append(Param(layer.out_features, layer.out_features, itemsize, train_b))
-    if rank:  # LoRALinear's lora_A (R × in) and lora_B (out × R), fp32
-        out += [Param(rank, rank * layer.in_features, 4, True),
-                Param(layer.out_features, layer.out_features * rank, 4, True)]
+def _params(weights: tuple[Weight, ...], itemsize: int, train_w: bool, train_b: bool,
+            targeted: set[str], rank: int) -> list[Param]:
+    """The Params of an inventory; LoRALinear's lora_A (R × in) and lora_B (out × R), fp32,
+    follow each targeted linear's own parameters."""
+    out: list[Param] = []
+    for i, w in enumerate(weights):
+        out.append(Param(w.rows, w.numel, itemsize, train_b if w.bias else train_w))
+        if w.module in targeted and not w.bias:
+            out_f, in_f = w.shape
+        if w.module in targeted and (i + 1 == len(weights) or weights[i + 1].module != w.module):
+            out += [Param(rank, rank * in_f, 4, True), Param(out_f, out_f * rank, 4, True)]
     return out
 
 
-def _norm(spec: ModelSpec, itemsize: int, train_w: bool, train_b: bool) -> list[Param]:
-    h = spec.hidden_size
-    return [Param(h, h, itemsize, train_w)] + \
-        ([Param(h, h, itemsize, train_b)] if spec.norm_bias else [])
-
-
 def units(spec: ModelSpec, train: TrainSpec) -> tuple[Unit, Unit]:
-    """(root, block) units of the reference models under ``train.regime``."""
+    """(root, block) units of the model under ``train.regime``, from its inventory."""
     regime = train.regime
     full = regime in ("zero", "full", "mixed")
     bitfit = regime == "bitfit"
     lora = regime in ("lora", "lora-bf16")
     itemsize = 2 if regime == "lora-bf16" else 4
     targeted = {l.name for l in P.check_rank(spec, train.lora)} if lora else set()
-    rank = train.lora.rank
-    layers = P.block_linears(spec)
-    norm = _norm(spec, itemsize, full, full or bitfit)
-
-    def linears(group: str) -> list[Param]:
-        return [p for l in layers if l.group == group for p in _linear(
-            l, itemsize, full, full or bitfit, rank if l.name in targeted else 0)]
-
-    block = norm + linears("attention") + norm + linears("mlp")
+    block = _params(P.block_weights(spec), itemsize, full, full or bitfit, targeted,
+                    train.lora.rank)
     emb = full or (lora and train.lora.train_embeddings)
-    v, h = spec.vocab_size, spec.hidden_size
-    root = [Param(v, v * h, itemsize, emb, late=not spec.tie_embeddings)]
-    if spec.learned_positions:
-        root.append(Param(spec.max_positions, spec.max_positions * h, itemsize, full, late=True))
-    root += _norm(spec, itemsize, full, full or bitfit)
-    if not spec.tie_embeddings:
-        root.append(Param(v, v * h, itemsize, emb))
+    root = []
+    for w in P.root_weights(spec):
+        if w.group == "embedding":  # its gradient comes last unless the head shares it
+            root.append(Param(w.rows, w.numel, itemsize, emb, late=not spec.tie_embeddings))
+        elif w.group == "position":
+            root.append(Param(w.rows, w.numel, itemsize, full, late=True))
+        elif w.group == "head":
+            root.append(Param(w.rows, w.numel, itemsize, emb))
+        else:
+            root.append(Param(w.rows, w.numel, itemsize, full if not w.bias else full or bitfit))
     return Unit(tuple(root)), Unit(tuple(block))
 
 

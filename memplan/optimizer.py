@@ -43,9 +43,7 @@ def trainable_tensors(spec: ModelSpec, train: TrainSpec) -> list[int]:
     if regime == "prompt-tuning":
         return [P.prompt_params(spec, train.prompt_tokens)]
     if regime == "bitfit":
-        biases = [l.out_features for l in P.block_linears(spec) if l.bias]
-        norm_bias = [h] * (2 if spec.norm_bias else 0)
-        return spec.num_layers * (biases + norm_bias) + ([h] if spec.norm_bias else [])
+        return P.bias_tensor_sizes(spec)
     return P.param_tensor_sizes(spec)
 
 

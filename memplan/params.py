@@ -6,109 +6,67 @@ and what Hugging Face PEFT reports for the same LoRA config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from memplan import arch
+from memplan.arch.base import LinearShape, Profile, Weight
 from memplan.errors import MemplanError, suggest
 from memplan.spec import LoraSpec, ModelSpec
 
 
-@dataclass(frozen=True)
-class LinearShape:
-    """One linear layer of a transformer block: its dotted name inside the block, and shape."""
-
-    name: str          # e.g. "self_attn.q_proj" or "mlp.c_proj"
-    group: str         # "attention" or "mlp"
-    in_features: int
-    out_features: int
-    bias: bool
-
-    @property
-    def short_name(self) -> str:
-        """The module's own name, as LoRA targets say it: ``q_proj``, ``c_proj``."""
-        return self.name.rsplit(".", 1)[-1]
-
-    @property
-    def params(self) -> int:
-        """Weight plus bias elements."""
-        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+def _profile(spec: ModelSpec) -> Profile:
+    return arch.profile_of(spec)
 
 
 def block_linears(spec: ModelSpec) -> tuple[LinearShape, ...]:
     """The linear layers of one block, with Hugging Face's module names."""
-    h, i = spec.hidden_size, spec.intermediate_size
-    if spec.family == "gpt2":
-        return (
-            LinearShape("attn.c_attn", "attention", h, spec.q_dim + 2 * spec.kv_dim, True),
-            LinearShape("attn.c_proj", "attention", spec.q_dim, h, True),
-            LinearShape("mlp.c_fc", "mlp", h, i, True),
-            LinearShape("mlp.c_proj", "mlp", i, h, True),
-        )
-    attention = (
-        LinearShape("self_attn.q_proj", "attention", h, spec.q_dim, spec.qkv_bias),
-        LinearShape("self_attn.k_proj", "attention", h, spec.kv_dim, spec.qkv_bias),
-        LinearShape("self_attn.v_proj", "attention", h, spec.kv_dim, spec.qkv_bias),
-        LinearShape("self_attn.o_proj", "attention", spec.q_dim, h, spec.out_bias),
-    )
-    if spec.gated_mlp:
-        mlp = (
-            LinearShape("mlp.gate_proj", "mlp", h, i, spec.mlp_bias),
-            LinearShape("mlp.up_proj", "mlp", h, i, spec.mlp_bias),
-            LinearShape("mlp.down_proj", "mlp", i, h, spec.mlp_bias),
-        )
-    else:
-        mlp = (
-            LinearShape("mlp.up_proj", "mlp", h, i, spec.mlp_bias),
-            LinearShape("mlp.down_proj", "mlp", i, h, spec.mlp_bias),
-        )
-    return attention + mlp
+    return _profile(spec).linears(spec)
 
 
-def norm_params(spec: ModelSpec) -> int:
-    """Elements of one norm layer: a weight, plus a bias for LayerNorm."""
-    return spec.hidden_size * (2 if spec.norm_bias else 1)
+def block_weights(spec: ModelSpec) -> tuple[Weight, ...]:
+    """Every parameter tensor of one block, in registration order."""
+    return _profile(spec).block_weights(spec)
+
+
+def root_weights(spec: ModelSpec) -> tuple[Weight, ...]:
+    """The parameters outside the blocks (embedding, positions, final norm, untied head)."""
+    return _profile(spec).root_weights(spec)
+
+
+def _root(spec: ModelSpec, group: str) -> int:
+    return sum(w.numel for w in root_weights(spec) if w.group == group)
 
 
 def block_params(spec: ModelSpec) -> int:
-    """Parameters of one transformer block: its linears and its two norms."""
-    return sum(layer.params for layer in block_linears(spec)) + 2 * norm_params(spec)
+    """Parameters of one transformer block."""
+    return sum(w.numel for w in block_weights(spec))
 
 
 def embedding_params(spec: ModelSpec) -> int:
     """E: the input token embedding, vocab × hidden."""
-    return spec.vocab_size * spec.hidden_size
+    return _root(spec, "embedding")
 
 
 def position_params(spec: ModelSpec) -> int:
     """Learned position embeddings (GPT-2), max_positions × hidden; 0 for rotary."""
-    return spec.max_positions * spec.hidden_size if spec.learned_positions else 0
+    return _root(spec, "position")
 
 
 def lm_head_params(spec: ModelSpec) -> int:
     """The output projection, hidden × vocab; 0 when tied to the input embedding."""
-    return 0 if spec.tie_embeddings else spec.vocab_size * spec.hidden_size
+    return _root(spec, "head")
 
 
 def block_tensor_sizes(spec: ModelSpec) -> list[int]:
-    """Element counts of each parameter tensor of one block (weights, biases, norms)."""
-    sizes = []
-    for layer in block_linears(spec):
-        sizes.append(layer.in_features * layer.out_features)
-        if layer.bias:
-            sizes.append(layer.out_features)
-    norm = [spec.hidden_size] * (2 if spec.norm_bias else 1)
-    return sizes + 2 * norm
+    """Element counts of each parameter tensor of one block."""
+    return [w.numel for w in block_weights(spec)]
 
 
 def param_tensor_sizes(spec: ModelSpec) -> list[int]:
-    """Element counts of every parameter tensor of the model, tied weights once."""
-    sizes = [embedding_params(spec)]
-    if spec.learned_positions:
-        sizes.append(position_params(spec))
-    sizes += spec.num_layers * block_tensor_sizes(spec)
-    sizes += [spec.hidden_size] * (2 if spec.norm_bias else 1)  # the final norm
-    if not spec.tie_embeddings:
-        sizes.append(lm_head_params(spec))
-    return sizes
+    """Element counts of every parameter tensor of the model, tied weights once: the root's
+    embeddings, the blocks, then the final norm and head."""
+    root = root_weights(spec)
+    early = [w.numel for w in root if w.group in ("embedding", "position")]
+    late = [w.numel for w in root if w.group not in ("embedding", "position")]
+    return early + spec.num_layers * block_tensor_sizes(spec) + late
 
 
 def count_params(spec: ModelSpec) -> int:
@@ -117,15 +75,19 @@ def count_params(spec: ModelSpec) -> int:
 
 
 def buffer_bytes(spec: ModelSpec) -> int:
-    """Non-parameter buffers of the reference model: rotary ``inv_freq`` (head_dim/2, fp32)."""
-    return 0 if spec.learned_positions else spec.head_dim // 2 * 4
+    """Non-parameter buffers of the model (rotary ``inv_freq``...)."""
+    return _profile(spec).buffer_bytes(spec)
+
+
+def bias_tensor_sizes(spec: ModelSpec) -> list[int]:
+    """Element counts of every bias (linear and LayerNorm), what BitFit trains."""
+    block = [w.numel for w in block_weights(spec) if w.bias]
+    return spec.num_layers * block + [w.numel for w in root_weights(spec) if w.bias]
 
 
 def bias_params(spec: ModelSpec) -> int:
     """B: bias elements (linear and LayerNorm biases), what BitFit trains."""
-    per_block = sum(layer.out_features for layer in block_linears(spec) if layer.bias)
-    norm_biases = spec.hidden_size if spec.norm_bias else 0
-    return spec.num_layers * (per_block + 2 * norm_biases) + norm_biases
+    return sum(bias_tensor_sizes(spec))
 
 
 def classifier_params(spec: ModelSpec, num_classes: int) -> int:
@@ -140,7 +102,8 @@ def prompt_params(spec: ModelSpec, prompt_tokens: int) -> int:
 
 def target_names(spec: ModelSpec) -> tuple[str, ...]:
     """The module names LoRA can target in this model, in block order."""
-    return tuple(dict.fromkeys(layer.short_name for layer in block_linears(spec)))
+    return tuple(dict.fromkeys(layer.short_name for layer in block_linears(spec)
+                               if layer.targetable))
 
 
 def resolve_targets(spec: ModelSpec, targets: str | tuple[str, ...] | list[str]
@@ -151,7 +114,7 @@ def resolve_targets(spec: ModelSpec, targets: str | tuple[str, ...] | list[str]
     comma list or a sequence; a name matches a layer's own name (``c_proj`` matches both of
     gpt2's) or its dotted name inside the block (``attn.c_proj``).
     """
-    layers = block_linears(spec)
+    layers = tuple(layer for layer in block_linears(spec) if layer.targetable)
     if isinstance(targets, str):
         names = [t.strip() for t in targets.split(",") if t.strip()]
     else:
@@ -162,8 +125,10 @@ def resolve_targets(spec: ModelSpec, targets: str | tuple[str, ...] | list[str]
     for name in names:
         if name == "all":
             matched = list(layers)
-        elif name in ("mlp", "attention"):
-            matched = [layer for layer in layers if layer.group == name]
+        elif name == "attention":
+            matched = [layer for layer in layers if layer.group == "attention"]
+        elif name == "mlp":  # the feed-forward: dense MLPs, experts and their router
+            matched = [layer for layer in layers if layer.group in ("mlp", "expert", "router")]
         else:
             matched = [layer for layer in layers if name in (layer.short_name, layer.name)]
         if not matched:

@@ -88,6 +88,14 @@ def plan(spec: ModelSpec, train: TrainSpec, params: int | None = None,
     (:func:`memplan.fsdp.is_sharded`) is planned for GPU ``rank`` of ``train.gpus``; rank 0
     holds the most (the last ranks' shards are padding).
     """
+    result = _plan(spec, train, params, runtime, rank)
+    if spec.approximation:  # planned with another family's profile (--as): say so everywhere
+        result = replace(result, notes=(spec.approximation, *result.notes))
+    return result
+
+
+def _plan(spec: ModelSpec, train: TrainSpec, params: int | None, runtime: str,
+          rank: int) -> Breakdown:
     state = model_state(spec, train, params)
     if F.is_sharded(train):
         return _plan_sharded(spec, train, state, runtime, rank, params)

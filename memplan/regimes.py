@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan import arch
 from memplan import params as P
 from memplan.errors import MemplanError
 from memplan.fsdp import check_shardable
@@ -114,7 +115,8 @@ def check_job(spec: ModelSpec, train: TrainSpec) -> None:
     if train.lora_backend == "peft" and train.impl != "hf":
         raise MemplanError("--lora-backend peft wraps Hugging Face models; add --impl hf")
     check_shardable(train)
-    if (train.impl == "hf" and spec.family == "gpt2" and train.lora_backend == "memplan"
+    profile = arch.profile_of(spec)
+    if (train.impl == "hf" and profile.conv1d and train.lora_backend == "memplan"
             and train.regime in ("lora", "lora-bf16", "qlora")):
         raise MemplanError("Hugging Face GPT-2 uses Conv1D layers, which memplan's LoRALinear "
                            "does not wrap; use --lora-backend peft")

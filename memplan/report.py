@@ -61,7 +61,9 @@ def architecture_dict(spec) -> dict:
     """The ModelSpec as JSON."""
     from dataclasses import asdict
 
-    return asdict(spec)
+    out = asdict(spec)
+    out["extras"] = dict(spec.extras)
+    return out
 
 
 def estimate_table(title: str, rows: list[tuple[str, Breakdown, list[str]]]) -> Table:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from memplan.errors import MemplanError
 
-FAMILIES = ("llama", "gpt2")
 REGIMES = (
     "full", "mixed", "zero", "lora", "classifier", "input-adapter",  # the six of the notes
     "lora-bf16", "qlora", "bitfit", "prompt-tuning", "zero1", "zero2", "zero3",
@@ -31,11 +31,13 @@ PARAM_DTYPES = ("fp32", "bf16")  # FSDP's MixedPrecisionPolicy: bf16 gathers, fp
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only transformer, as much of it as memory depends on.
+    """A transformer, as much of it as memory depends on.
 
-    ``family`` picks the block layout: ``llama`` (RMSNorm, rotary positions, q/k/v/o
-    projections with grouped-query attention, SwiGLU or plain MLP) or ``gpt2`` (LayerNorm with
-    bias, learned positions, fused c_attn, GELU MLP with c_fc/c_proj).
+    ``family`` names the architecture profile (:mod:`memplan.arch`) that owns its layout,
+    inventory and forward; ``model_type`` is the Hugging Face type it was read as. The common
+    sizes are fields; what only some families have (experts, soft-capping, q/k norms...) is in
+    ``extras``, read with :meth:`extra`. ``approximation`` is non-empty when the model was
+    planned as another family on request (``--as``): it says so, and every output repeats it.
     """
 
     name: str
@@ -58,10 +60,15 @@ class ModelSpec:
     max_positions: int = 4096
     dropout: float = 0.0
     model_type: str = ""
+    extras: tuple[tuple[str, Any], ...] = ()
+    approximation: str = ""
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise MemplanError(f"model family {self.family!r} is not one of {FAMILIES}")
+        from memplan.arch import families
+
+        if self.family not in families():
+            raise MemplanError(f"model family {self.family!r} is not one of "
+                               f"{', '.join(families())}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "intermediate_size", "max_positions"):
             value = getattr(self, name)
@@ -77,6 +84,16 @@ class ModelSpec:
             raise MemplanError(f"norm {self.norm!r} must be rmsnorm or layernorm")
         if not 0.0 <= self.dropout < 1.0:
             raise MemplanError(f"dropout {self.dropout!r} must be in [0, 1)")
+
+    def extra(self, key: str, default: Any = None) -> Any:
+        """A family-specific value from ``extras``."""
+        return dict(self.extras).get(key, default)
+
+    def with_extras(self, **values: Any) -> ModelSpec:
+        """A copy with ``extras`` updated."""
+        from dataclasses import replace
+
+        return replace(self, extras=tuple(sorted((dict(self.extras) | values).items())))
 
     @property
     def q_dim(self) -> int:

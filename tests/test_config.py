@@ -65,7 +65,7 @@ def test_llama_defaults_kv_heads_and_head_dim() -> None:
     spec = spec_from_config(LLAMA)
     assert spec.num_kv_heads == 4          # num_key_value_heads defaults to the heads
     assert spec.head_dim == 16             # head_dim defaults to hidden / heads
-    assert spec.max_positions == 4096
+    assert spec.max_positions == 2048      # LlamaConfig.max_position_embeddings
     assert not spec.qkv_bias and not spec.out_bias and not spec.mlp_bias
     assert not spec.tie_embeddings
     assert spec.family == "llama" and spec.norm == "rmsnorm"

@@ -13,21 +13,43 @@ from memplan.presets import get_model
 from memplan.spec import TrainSpec
 
 RUN = CliRunner()
-PHI3 = {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-        "vocab_size": 32064, "tie_word_embeddings": False}
+# StableLM has no profile: Llama's keys, its own layout (LayerNorms, partial rotary).
+STABLELM = {"model_type": "stablelm", "hidden_size": 2560, "intermediate_size": 6912,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "vocab_size": 50304, "tie_word_embeddings": False}
 
 
-def test_unprofiled_model_type_is_planned_as_the_closest_family(tmp_path) -> None:
+def test_unprofiled_model_type_is_refused_with_the_fix(tmp_path) -> None:
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(PHI3))
+    path.write_text(json.dumps(STABLELM))
     result = RUN.invoke(load_commands(), ["estimate", "--config", str(path), "--json"])
+    assert result.exit_code == 2, result.output
+    assert "'stablelm' is not supported" in result.stderr and "--as llama" in result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+
+
+def test_as_family_plans_an_approximation_and_says_so_everywhere(tmp_path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(STABLELM))
+    result = RUN.invoke(load_commands(), ["estimate", "--config", str(path), "--as", "llama",
+                                          "--json"])
     assert result.exit_code == 0, result.output
-    assert "closest family, llama" in result.stderr
+    assert "approximation" in result.stderr
     data = json.loads(result.stdout)
-    assert data["params"] == 3_821_079_552  # Phi-3-mini's published count
-    spec = spec_from_config(PHI3)
-    assert spec.family == "llama" and spec.model_type == "phi3"
+    assert "approximation" in data["assumed"]
+    assert data["architecture"]["approximation"].startswith("approximation")
+    assert all("approximation" in r["notes"][0] for r in data["regimes"].values())
+    spec = spec_from_config(STABLELM, as_family="llama")
+    assert spec.family == "llama" and spec.model_type == "stablelm" and spec.approximation
+
+
+def test_as_needs_a_known_family_and_a_config(tmp_path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(STABLELM))
+    bad = RUN.invoke(load_commands(), ["estimate", "--config", str(path), "--as", "lama"])
+    assert bad.exit_code == 2 and "--as 'lama'" in bad.stderr
+    no_config = RUN.invoke(load_commands(), ["estimate", "--model", "llama-tiny", "--as", "llama"])
+    assert no_config.exit_code == 2 and "--config" in no_config.stderr
 
 
 def test_a_config_with_no_known_shape_is_still_refused(tmp_path) -> None:

@@ -14,6 +14,7 @@ from memplan.cli.app import command
 @command("estimate")
 def estimate(
     params: o.Params = None, model: o.Model = None, config: o.Config = None,
+    as_family: o.AsFamily = None,
     rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     gpus: o.Gpus = 1, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
@@ -37,7 +38,8 @@ def estimate(
     from memplan.report import architecture_dict, console, estimate_table, print_json, symbols_line
     from memplan.spec import REGIMES
 
-    job = o.make_job(params, model, config, rank=rank, alpha=alpha, targets=targets,
+    job = o.make_job(params, model, config, as_family=as_family,
+                     rank=rank, alpha=alpha, targets=targets,
                      train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                      classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,

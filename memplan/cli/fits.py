@@ -13,6 +13,7 @@ from memplan.cli.app import command
 @command("fits")
 def fits(
     params: o.Params = None, model: o.Model = None, config: o.Config = None,
+    as_family: o.AsFamily = None,
     regime: Annotated[str, typer.Option("--regime", help="The regime to check.")] = "lora",
     gpu: Annotated[str | None, typer.Option("--gpu", help="A GPU of `memplan gpus`.")] = None,
     memory: Annotated[str | None, typer.Option(
@@ -48,7 +49,8 @@ def fits(
     else:
         capacity, label = parse_bytes(memory, "--memory"), f"{memory} of memory"
     search_only = seq is not None and batch is None
-    job = o.make_job(params, model, config, regime=regime, rank=rank, alpha=alpha,
+    job = o.make_job(params, model, config, as_family=as_family,
+                     regime=regime, rank=rank, alpha=alpha,
                      targets=targets, train_embeddings=train_embeddings,
                      batch=1 if search_only else batch, seq=seq, gpus=gpus, classes=classes,
                      prompt_tokens=prompt_tokens, optimizer=optimizer,

@@ -16,7 +16,11 @@ Params = Annotated[str | None, typer.Option(
 Model = Annotated[str | None, typer.Option(
     "--model", "-m", help="A preset architecture (see `memplan models`), e.g. llama-2-7b.")]
 Config = Annotated[Path | None, typer.Option(
-    "--config", help="A Hugging Face config.json (llama, mistral, qwen2, gpt2).")]
+    "--config", help="A Hugging Face config.json of a supported model_type (`memplan models` "
+    "lists them).")]
+AsFamily = Annotated[str | None, typer.Option(
+    "--as", help="Plan a config whose model_type has no profile as this one (e.g. llama); "
+    "the answer is labelled an approximation.")]
 Rank = Annotated[int, typer.Option("--rank", "-r", help="LoRA rank R.")]
 Alpha = Annotated[float, typer.Option("--alpha", help="LoRA alpha (scaling alpha/R).")]
 Targets = Annotated[str, typer.Option(
@@ -63,8 +67,8 @@ class Job:
     assumed: str
 
 
-def resolve_model(params: str | None, model: str | None, config: Path | None
-                  ) -> tuple[ModelSpec, int | None, str]:
+def resolve_model(params: str | None, model: str | None, config: Path | None,
+                  as_family: str | None = None) -> tuple[ModelSpec, int | None, str]:
     """The ModelSpec from exactly one of --params, --model, --config."""
     given = [flag for flag, v in (("--params", params), ("--model", model),
                                   ("--config", config)) if v is not None]
@@ -72,6 +76,8 @@ def resolve_model(params: str | None, model: str | None, config: Path | None
         what = "none" if not given else " and ".join(given)
         raise MemplanError(f"give exactly one of --params, --model or --config (got {what}); "
                            "e.g. --params 7e9 or --model llama-2-7b")
+    if as_family is not None and config is None:
+        raise MemplanError("--as approximates a --config of another model_type; give --config")
     if model is not None:
         from memplan.presets import get_model
 
@@ -80,10 +86,8 @@ def resolve_model(params: str | None, model: str | None, config: Path | None
     if config is not None:
         from memplan.config import load_config
 
-        spec = load_config(config)
-        from memplan.config import family_warning
-
-        warning = family_warning(spec)
+        spec = load_config(config, as_family=as_family)
+        warning = spec.approximation or None
         if warning:
             from memplan.report import warning_line
 
@@ -97,7 +101,8 @@ def resolve_model(params: str | None, model: str | None, config: Path | None
     return spec, n, f"N = {n:,} as given; activations and LoRA shapes from {sentence}"
 
 
-def make_job(params: str | None, model: str | None, config: Path | None, *, regime: str = "full",
+def make_job(params: str | None, model: str | None, config: Path | None, *,
+             as_family: str | None = None, regime: str = "full",
              rank: int = 8, alpha: float = 16.0, targets: str = "all",
              train_embeddings: bool = False, batch: int | None = None, seq: int | None = None,
              gpus: int = 1, classes: int = 2, prompt_tokens: int = 20, optimizer: str = "adamw",
@@ -106,7 +111,7 @@ def make_job(params: str | None, model: str | None, config: Path | None, *, regi
              lora_backend: str = "memplan", shard: str = "none",
              param_dtype: str = "fp32") -> Job:
     """Validate the options and build the job (every bad value raises MemplanError)."""
-    spec, n, assumed = resolve_model(params, model, config)
+    spec, n, assumed = resolve_model(params, model, config, as_family)
     train = make_train(regime=regime, rank=rank, alpha=alpha, targets=targets,
                        train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                        classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,

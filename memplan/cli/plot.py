@@ -44,6 +44,7 @@ Report = Annotated[Path | None, typer.Option(
 def plot(
     kind: Kind, out: Out = None,
     params: o.Params = None, model: o.Model = None, config: o.Config = None,
+    as_family: o.AsFamily = None,
     regime: Regimes = None, rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     gpus: PlotGpus = 8, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
@@ -86,9 +87,10 @@ def plot(
     if kind == "regimes":
         if gpu is not None:
             chosen["gpu_names"] = (*plots.COMMON_GPUS, gpu)
-        fig = _regimes(plots, params, model, config, model_given, job_options, chosen)
+        fig = _regimes(plots, params, model, config, model_given, job_options, chosen,
+                       as_family)
     else:
-        job = o.make_job(params, model, config, **job_options)
+        job = o.make_job(params, model, config, as_family=as_family, **job_options)
         if kind == "breakdown":
             fig = plots.breakdown_figure(job.spec, job.train, params=job.params, gpu=gpu,
                                          **chosen)
@@ -106,13 +108,14 @@ def plot(
 
 
 def _regimes(plots: Any, params: str | None, model: str | None, config: Path | None,
-             model_given: bool, job_options: dict[str, Any], chosen: dict) -> Any:
+             model_given: bool, job_options: dict[str, Any], chosen: dict,
+             as_family: str | None = None) -> Any:
     """The regimes plot: the model options are optional and only mark a model."""
     if not model_given:
         return plots.regimes_figure(o.make_train(**job_options), **chosen)
     from memplan.params import count_params
 
-    job = o.make_job(params, model, config, **job_options)
+    job = o.make_job(params, model, config, as_family=as_family, **job_options)
     return plots.regimes_figure(job.train, mark=(job.spec.name,
                                                  job.params or count_params(job.spec)), **chosen)
 

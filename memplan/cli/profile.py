@@ -29,6 +29,7 @@ def need_torch() -> None:
 @command("profile")
 def profile(
     model: o.Model = None, config: o.Config = None,
+    as_family: o.AsFamily = None,
     regime: Annotated[str, typer.Option("--regime", help="The regime to run.")] = "lora",
     rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = 1, seq: o.Seq = 128,
@@ -58,7 +59,8 @@ def profile(
     from memplan.errors import MemplanError
     from memplan.units import parse_bytes
 
-    job = o.make_job(None, model, config, regime=regime, rank=rank, alpha=alpha,
+    job = o.make_job(None, model, config, as_family=as_family,
+                     regime=regime, rank=rank, alpha=alpha,
                      targets=targets, train_embeddings=train_embeddings, batch=batch, seq=seq,
                      classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                      optimizer_impl=optimizer_impl, checkpointing=checkpointing,

@@ -13,6 +13,7 @@ from memplan.cli.app import command
 @command("scale")
 def scale(
     params: o.Params = None, model: o.Model = None, config: o.Config = None,
+    as_family: o.AsFamily = None,
     gpu: Annotated[str | None, typer.Option("--gpu", help="A GPU of `memplan gpus`.")] = None,
     memory: Annotated[str | None, typer.Option(
         "--memory", help="Capacity per GPU instead of --gpu, e.g. 80GB.")] = None,
@@ -59,7 +60,8 @@ def scale(
     regimes = regime or list(DEFAULT_REGIMES)
     for name in regimes:
         check_scalable(name)
-    job = o.make_job(params, model, config, rank=rank, alpha=alpha, targets=targets,
+    job = o.make_job(params, model, config, as_family=as_family,
+                     rank=rank, alpha=alpha, targets=targets,
                      train_embeddings=train_embeddings, batch=batch, seq=seq,
                      optimizer=optimizer, optimizer_impl=optimizer_impl,
                      checkpointing=checkpointing, attention=attention)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from memplan import arch
 from memplan.config import hf_config
 from memplan.errors import MemplanError
 from memplan.params import check_rank
@@ -54,7 +55,7 @@ class HFCausalLM(nn.Module):
 
     def _body(self) -> nn.Module:
         base = self._base()
-        return base.transformer if self.spec.family == "gpt2" else base.model
+        return getattr(base, arch.profile_of(self.spec).body)
 
     def input_embedding(self) -> nn.Embedding:
         """The token embedding module."""
@@ -92,8 +93,8 @@ def build_hf_model(spec: ModelSpec, device: str | torch.device | None = None,
     config.use_cache = False
     config._attn_implementation = attention
     with torch.device(device or "cpu"):
-        model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32,
-                                                              attn_implementation=attention)
+        auto = getattr(transformers, arch.profile_of(spec).hf_auto_class)
+        model = auto.from_config(config, torch_dtype=torch.float32, attn_implementation=attention)
     if checkpointing:  # transformers 5 renamed gradient checkpointing to activation checkpointing
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
@@ -119,7 +120,7 @@ def apply_peft_lora(model: HFCausalLM, lora: LoraSpec, adapter_fp32: bool = True
     names = sorted({layer.name for layer in layers})  # dotted: "attn.c_proj", not "c_proj"
     config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=names,
                              lora_dropout=0.0, bias="none",
-                             fan_in_fan_out=model.spec.family == "gpt2")
+                             fan_in_fan_out=arch.profile_of(model.spec).conv1d)
     # PEFT's own upcast (autocast_adapter_dtype) uses Module.to, which cannot swap the
     # parameters of FakeTensors; cast the adapters one tensor at a time instead.
     with _no_adapter_moves_under_fake_tensors():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from memplan import arch
 from memplan.spec import LoraSpec, TrainSpec
 
 Row = tuple  # (model, TrainSpec fields) or (model, TrainSpec fields, ModelSpec fields)
@@ -132,6 +133,9 @@ HF_FAKE_MATRIX: list[Row] = [
     ("gpt2", dict(regime="lora-bf16", batch=2, seq=1024, checkpointing=True) | _PEFT, {}),
     ("gpt2-medium", dict(regime="mixed", batch=2, seq=1024) | _HF, {}),
 ]
+# Every other family's rows live beside its profile (memplan/arch/<family>.py).
+HF_CPU_MATRIX += arch.validation_rows("HF_CPU_ROWS")
+HF_FAKE_MATRIX += arch.validation_rows("HF_FAKE_ROWS")
 
 
 # FSDP2 (issue 6): ``gpus`` is the number of ranks. Real gloo processes for both reference
