@@ -13,7 +13,7 @@ from typing import Any
 
 from memplan import arch
 from memplan.arch.keys import show
-from memplan.errors import ConfigError
+from memplan.errors import ConfigError, UnprofiledModel
 from memplan.spec import ModelSpec
 
 # A real config.json is a few KiB; anything far larger is not one (and must not fill memory).
@@ -54,11 +54,11 @@ def spec_from_config(cfg: Any, name: str = "config", where: str | None = None,
         return replace(spec, model_type=str(model_type), approximation=note)
     profile = arch.get(model_type) if isinstance(model_type, str) else None
     if profile is None:
-        raise ConfigError(
+        raise UnprofiledModel(
             f"{where}: model_type {show(model_type)} is not supported: no architecture profile "
-            f"(supported: "
-            f"{', '.join(supported_types())}); measure it with `memplan profile --config "
-            f"{where} --impl hf --device fake`, or approximate it with --as llama")
+            f"(supported: {', '.join(supported_types())}); pip install 'memplan[hf]' to measure "
+            "it with a dry run of the transformers model, or approximate it with --as llama",
+            cfg, where)
     return profile.read(cfg, name, where)
 
 

@@ -18,6 +18,17 @@ class ConfigError(MemplanError):
     """A model config file that cannot be read or is not supported."""
 
 
+class UnprofiledModel(ConfigError):
+    """A config whose model_type has no architecture profile. ``cfg`` is the parsed config,
+    so that a caller with transformers can measure it instead; ``train`` is set by the CLI."""
+
+    def __init__(self, message: str, cfg: dict, where: str) -> None:
+        super().__init__(message)
+        self.cfg = cfg
+        self.where = where
+        self.train = None
+
+
 class OutOfMemory(RuntimeError):
     """A measured run exceeded the memory it was given (a result, not a crash)."""
 

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memplan.planner import COMPONENTS, Breakdown
@@ -25,8 +26,8 @@ def print_json(obj: Any) -> None:
 
 def error_line(message: str) -> None:
     """One red line on stderr."""
-    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {message}", markup=True,
-                                                soft_wrap=True)
+    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {escape(message)}",
+                                                markup=True, soft_wrap=True)
 
 
 SHORT = {"weights": "W", "gradients": "G", "optimizer_states": "opt",
@@ -35,8 +36,17 @@ SHORT = {"weights": "W", "gradients": "G", "optimizer_states": "opt",
 
 def warning_line(message: str) -> None:
     """One yellow line on stderr."""
-    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {message}",
+    Console(stderr=True, highlight=False).print(f"[yellow]warning:[/yellow] {escape(message)}",
                                                 markup=True, soft_wrap=True)
+
+
+def progress() -> Any:
+    """A transient progress bar on stderr, for work that takes seconds."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress("[progress.description]{task.description}", BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True)
 
 
 def breakdown_text(b: Breakdown) -> str:

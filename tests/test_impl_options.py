@@ -19,15 +19,6 @@ STABLELM = {"model_type": "stablelm", "hidden_size": 2560, "intermediate_size": 
             "vocab_size": 50304, "tie_word_embeddings": False}
 
 
-def test_unprofiled_model_type_is_refused_with_the_fix(tmp_path) -> None:
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(STABLELM))
-    result = RUN.invoke(load_commands(), ["estimate", "--config", str(path), "--json"])
-    assert result.exit_code == 2, result.output
-    assert "'stablelm' is not supported" in result.stderr and "--as llama" in result.stderr
-    assert "Traceback" not in result.output and result.stdout == ""
-
-
 def test_as_family_plans_an_approximation_and_says_so_everywhere(tmp_path) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(STABLELM))

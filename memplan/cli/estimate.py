@@ -32,19 +32,26 @@ def estimate(
     --gpus M > 1, zero is FSDP per GPU (gather buffers included) and the mixed recipe and LoRA
     are shown sharded too; --shard shards every regime that FSDP can.
     """
+    from memplan.errors import UnprofiledModel
     from memplan.params import bias_params, count_params, lora_params
     from memplan.planner import plan
     from memplan.presets import gpus as gpu_catalogue
     from memplan.report import architecture_dict, console, estimate_table, print_json, symbols_line
     from memplan.spec import REGIMES
 
-    job = o.make_job(params, model, config, as_family=as_family,
-                     rank=rank, alpha=alpha, targets=targets,
-                     train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
-                     classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
-                     optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                     attention=attention, impl=impl,
-                     lora_backend=lora_backend)
+    try:
+        job = o.make_job(params, model, config, as_family=as_family,
+                         rank=rank, alpha=alpha, targets=targets,
+                         train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
+                         classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
+                         optimizer_impl=optimizer_impl, checkpointing=checkpointing,
+                         attention=attention, impl=impl,
+                         lora_backend=lora_backend)
+    except UnprofiledModel as exc:  # no profile: measured with the [hf] extra, else refused
+        from memplan.cli import measured
+
+        measured.estimate(exc, json_out, regime)
+        return
     reserve_bytes = o.parse_reserve(reserve)
     # By default, every regime that makes sense for the model and optimizer: BitFit needs
     # biases, and the ZeRO stages follow the paper's Adam accounting.

@@ -34,7 +34,7 @@ def fits(
     --gpus M and --shard (or regime zero), the GPU is one rank of FSDP over M: rank 0, the
     fullest.
     """
-    from memplan.errors import MemplanError
+    from memplan.errors import MemplanError, UnprofiledModel
     from memplan.planner import fits as check
     from memplan.presets import get_gpu
     from memplan.report import console, print_json
@@ -49,14 +49,20 @@ def fits(
     else:
         capacity, label = parse_bytes(memory, "--memory"), f"{memory} of memory"
     search_only = seq is not None and batch is None
-    job = o.make_job(params, model, config, as_family=as_family,
-                     regime=regime, rank=rank, alpha=alpha,
-                     targets=targets, train_embeddings=train_embeddings,
-                     batch=1 if search_only else batch, seq=seq, gpus=gpus, classes=classes,
-                     prompt_tokens=prompt_tokens, optimizer=optimizer,
-                     optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                     attention=attention, impl=impl,
-                     lora_backend=lora_backend, shard=shard, param_dtype=param_dtype)
+    try:
+        job = o.make_job(params, model, config, as_family=as_family,
+                         regime=regime, rank=rank, alpha=alpha,
+                         targets=targets, train_embeddings=train_embeddings,
+                         batch=1 if search_only else batch, seq=seq, gpus=gpus, classes=classes,
+                         prompt_tokens=prompt_tokens, optimizer=optimizer,
+                         optimizer_impl=optimizer_impl, checkpointing=checkpointing,
+                         attention=attention, impl=impl,
+                         lora_backend=lora_backend, shard=shard, param_dtype=param_dtype)
+    except UnprofiledModel as exc:  # no profile: measured with the [hf] extra, else refused
+        from memplan.cli import measured
+
+        raise typer.Exit(measured.fits(exc, json_out, capacity, o.parse_reserve(reserve),
+                                       label)) from None
     result = check(job.spec, job.train, capacity, o.parse_reserve(reserve), job.params)
     if json_out:
         print_json(result.to_dict() | {"gpu": label, "assumed": job.assumed})

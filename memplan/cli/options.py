@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from memplan.errors import MemplanError
+from memplan.errors import MemplanError, UnprofiledModel
 from memplan.spec import LoraSpec, ModelSpec, TrainSpec
 
 Params = Annotated[str | None, typer.Option(
@@ -111,13 +111,17 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
              lora_backend: str = "memplan", shard: str = "none",
              param_dtype: str = "fp32") -> Job:
     """Validate the options and build the job (every bad value raises MemplanError)."""
-    spec, n, assumed = resolve_model(params, model, config, as_family)
     train = make_train(regime=regime, rank=rank, alpha=alpha, targets=targets,
                        train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                        classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                        optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                        attention=attention, impl=impl, lora_backend=lora_backend,
                        shard=shard, param_dtype=param_dtype)
+    try:
+        spec, n, assumed = resolve_model(params, model, config, as_family)
+    except UnprofiledModel as exc:  # the command may measure it instead (memplan.cli.measured)
+        exc.train = train
+        raise
     if seq is not None and spec.learned_positions and seq > spec.max_positions:
         raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
                            f"{spec.name}; use --seq {spec.max_positions} or less")

@@ -56,16 +56,26 @@ def profile(
     With --nproc N, the model is sharded with FSDP2 (fully_shard per block, then the root)
     over N ranks and every rank's peak is held against that rank's plan.
     """
-    from memplan.errors import MemplanError
+    from memplan.errors import MemplanError, UnprofiledModel
     from memplan.units import parse_bytes
 
-    job = o.make_job(None, model, config, as_family=as_family,
-                     regime=regime, rank=rank, alpha=alpha,
-                     targets=targets, train_embeddings=train_embeddings, batch=batch, seq=seq,
-                     classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
-                     optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                     attention=attention, impl=impl,
-                     lora_backend=lora_backend, shard=shard, param_dtype=param_dtype)
+    try:
+        job = o.make_job(None, model, config, as_family=as_family,
+                         regime=regime, rank=rank, alpha=alpha,
+                         targets=targets, train_embeddings=train_embeddings, batch=batch, seq=seq,
+                         classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
+                         optimizer_impl=optimizer_impl, checkpointing=checkpointing,
+                         attention=attention, impl=impl,
+                         lora_backend=lora_backend, shard=shard, param_dtype=param_dtype)
+    except UnprofiledModel as exc:  # no profile: the dry run is the measurement, fake only
+        if device not in ("fake", "auto") or nproc not in (None, 1):
+            raise MemplanError(f"model_type {exc.cfg.get('model_type')!r} has no profile: "
+                               "memplan measures it in fake mode only; use --device fake "
+                               "without --nproc") from None
+        from memplan.cli import measured
+
+        measured.profile(exc, json_out)
+        return
     if gpus is not None and gpus != (nproc or 1):
         raise MemplanError(f"--gpus {gpus} does not match --nproc {nproc or 1}: a profile plans "
                            "the ranks it runs; give the same number (or only --nproc)")

@@ -1,0 +1,104 @@
+"""Commands on a config whose model_type has no profile: measured by a dry run, or refused.
+
+With the ``[hf]`` extra, ``estimate``, ``fits`` and ``profile`` measure the real transformers
+model under FakeTensorMode (:mod:`memplan.profile.dryrun`) and say that the figure is a
+measurement, not a plan, and how long it took. Without it, the one-line refusal stands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from memplan.errors import UnprofiledModel
+
+NOTE = ("no architecture profile for model_type {t!r}: measured by a fake-mode dry run of the "
+        "transformers model{shape}, not planned")
+
+
+def _dry_runs(exc: UnprofiledModel, regimes: list[str]) -> list[Any]:
+    try:
+        import torch  # noqa: F401
+
+        from memplan.profile.dryrun import dry_run, transformers_available
+    except ImportError:
+        raise exc from None
+    if not transformers_available():
+        raise exc
+    from memplan.report import progress
+
+    out = []
+    with progress() as bar:
+        task = bar.add_task("dry run", total=len(regimes))
+        for regime in regimes:
+            out.append(dry_run(exc.cfg, replace(exc.train, regime=regime)))
+            bar.advance(task)
+    return out
+
+
+def _note(exc: UnprofiledModel) -> str:
+    train = exc.train
+    shape = (f", batch {train.batch} × seq {train.seq}" if train.has_activations
+             else ", batch 1 × seq 1 (model states and one token)")
+    return NOTE.format(t=exc.cfg.get("model_type"), shape=shape)
+
+
+def estimate(exc: UnprofiledModel, json_out: bool, regimes: list[str] | None) -> None:
+    """``memplan estimate`` of an unprofiled model: full, lora and lora-bf16 measured."""
+    from memplan.profile.dryrun import DRY_RUN_REGIMES
+    from memplan.report import console, print_json
+    from memplan.units import format_bytes
+
+    runs = _dry_runs(exc, list(regimes or DRY_RUN_REGIMES))
+    note = _note(exc)
+    if json_out:
+        print_json({"params": runs[0].params, "measured": True, "note": note,
+                    "regimes": {r.regime: r.to_dict() for r in runs}})
+        return
+    out = console()
+    out.print(note, style="yellow", markup=False)
+    for r in runs:
+        out.print(f"{r.regime:<10} measured peak {format_bytes(r.peak_bytes):>12}  "
+                  f"(N = {r.params:,}, trainable {r.trainable:,}; {r.seconds:.1f} s)")
+
+
+def fits(exc: UnprofiledModel, json_out: bool, capacity: int, reserve: int, label: str) -> int:
+    """``memplan fits`` of an unprofiled model; returns the exit code."""
+    from memplan.report import console, print_json
+    from memplan.units import format_bytes
+
+    run = _dry_runs(exc, [exc.train.regime])[0]
+    required = run.peak_bytes + reserve
+    ok = required <= capacity
+    note = _note(exc)
+    if json_out:
+        print_json({"fits": ok, "required_bytes": required, "capacity_bytes": capacity,
+                    "headroom_bytes": capacity - required, "max_batch": None,
+                    "measured": True, "note": note, "gpu": label,
+                    "activations_included": exc.train.has_activations,
+                    "dry_run": run.to_dict()})
+    else:
+        out = console()
+        out.print(note, style="yellow", markup=False)
+        out.print(f"{run.regime} on {label}: {'fits' if ok else 'does not fit'} (measured "
+                  f"{format_bytes(run.peak_bytes)} + reserve {format_bytes(reserve)} of "
+                  f"{format_bytes(capacity)}; {run.seconds:.1f} s)", markup=False)
+    return 0 if ok else 1
+
+
+def profile(exc: UnprofiledModel, json_out: bool) -> None:
+    """``memplan profile`` of an unprofiled model: the measurement alone, no plan."""
+    from memplan.report import console, print_json
+    from memplan.units import format_bytes
+
+    run = _dry_runs(exc, [exc.train.regime])[0]
+    note = _note(exc)
+    if json_out:
+        print_json({"device": "fake", "predicted": None,
+                    "measured": {"peak_bytes": run.peak_bytes, "components": run.components},
+                    "relative_error": None, "note": note, "dry_run": run.to_dict()})
+        return
+    out = console()
+    out.print(note, style="yellow", markup=False)
+    out.print(f"{run.regime}: measured peak {format_bytes(run.peak_bytes)} "
+              f"({run.seconds:.1f} s)", markup=False)
