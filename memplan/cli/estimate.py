@@ -20,7 +20,7 @@ def estimate(
     gpus: o.Gpus = 1, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
-    impl: o.ModelImpl = "memplan", lora_backend: o.LoraBackend = "memplan",
+    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "memplan",
     regime: Annotated[list[str] | None, typer.Option(
         "--regime", help="Only these regimes (repeatable); default: all of them.")] = None,
     shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",

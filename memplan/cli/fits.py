@@ -25,7 +25,7 @@ def fits(
     prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
-    impl: o.ModelImpl = "memplan", lora_backend: o.LoraBackend = "memplan",
+    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "memplan",
     reserve: o.Reserve = None, json_out: o.Json = False,
 ) -> None:
     """Answer yes (exit 0) or no (exit 1): does the job fit on one GPU, with what headroom.

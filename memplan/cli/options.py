@@ -48,8 +48,9 @@ Ckpt = Annotated[bool, typer.Option(
 Attention = Annotated[str, typer.Option(
     "--attention", help="sdpa (flash kernels, no s² scores) or eager (stores s² scores).")]
 ModelImpl = Annotated[str, typer.Option(
-    "--impl", help="Whose model code: memplan (the reference models) or hf (Hugging Face "
-    "transformers: its loss, masks and activations).")]
+    "--impl", help="Whose model code: memplan (the reference models of llama and gpt2), hf "
+    "(Hugging Face transformers: its loss, masks and activations), or auto (memplan's where "
+    "the family has one, else hf).")]
 LoraBackend = Annotated[str, typer.Option(
     "--lora-backend", help="memplan (LoRALinear) or peft (Hugging Face PEFT; needs --impl hf).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")]
@@ -107,21 +108,29 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
              train_embeddings: bool = False, batch: int | None = None, seq: int | None = None,
              gpus: int = 1, classes: int = 2, prompt_tokens: int = 20, optimizer: str = "adamw",
              optimizer_impl: str = "fused", checkpointing: bool = False,
-             attention: str = "sdpa", impl: str = "memplan",
+             attention: str = "sdpa", impl: str = "auto",
              lora_backend: str = "memplan", shard: str = "none",
              param_dtype: str = "fp32") -> Job:
-    """Validate the options and build the job (every bad value raises MemplanError)."""
-    train = make_train(regime=regime, rank=rank, alpha=alpha, targets=targets,
-                       train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
-                       classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
-                       optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                       attention=attention, impl=impl, lora_backend=lora_backend,
-                       shard=shard, param_dtype=param_dtype)
+    """Validate the options and build the job (every bad value raises MemplanError).
+
+    ``impl="auto"``: memplan's reference model where the family has one, else Hugging Face's.
+    """
+    options = dict(regime=regime, rank=rank, alpha=alpha, targets=targets,
+                   train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
+                   classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
+                   optimizer_impl=optimizer_impl, checkpointing=checkpointing,
+                   attention=attention, lora_backend=lora_backend, shard=shard,
+                   param_dtype=param_dtype)
     try:
         spec, n, assumed = resolve_model(params, model, config, as_family)
     except UnprofiledModel as exc:  # the command may measure it instead (memplan.cli.measured)
-        exc.train = train
+        exc.train = make_train(**options, impl="hf")
         raise
+    if impl == "auto":
+        from memplan import arch
+
+        impl = "memplan" if arch.profile_of(spec).reference_model else "hf"
+    train = make_train(**options, impl=impl)
     if seq is not None and spec.learned_positions and seq > spec.max_positions:
         raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
                            f"{spec.name}; use --seq {spec.max_positions} or less")

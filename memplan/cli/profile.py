@@ -36,7 +36,7 @@ def profile(
     classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
-    impl: o.ModelImpl = "memplan", lora_backend: o.LoraBackend = "memplan",
+    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "memplan",
     device: Device = "auto",
     steps: Annotated[int, typer.Option("--steps", help="Steady-state steps after warm-up.")] = 2,
     capacity: Annotated[str | None, typer.Option(

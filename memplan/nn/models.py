@@ -274,6 +274,11 @@ class CausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, device=None, dtype=None, attention: str = "sdpa",
                  checkpointing: bool = False) -> None:
         super().__init__()
+        from memplan import arch
+
+        if spec.approximation or not arch.profile_of(spec).reference_model:
+            raise MemplanError(f"memplan has no reference model of {spec.model_type or spec.family}"
+                               f" ({spec.name}) and never builds a stand-in; use --impl hf")
         if spec.activation not in ACTIVATIONS:
             raise unknown("activation", spec.activation, ACTIVATIONS)
         if spec.learned_positions != (spec.family == "gpt2"):
