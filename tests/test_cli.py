@@ -293,7 +293,7 @@ def test_bad_input_with_json_keeps_stdout_empty(json_flag) -> None:
 @pytest.mark.parametrize(("text", "needle"), [
     ('{"model_type": "llama"', "not valid JSON"),
     ("[1, 2]", "JSON object"),
-    ('{"model_type": "bert"}', "bert"),
+    ('{"model_type": "t5"}', "t5"),
     ('{"model_type": "llama", "hidden_size": NaN}', "NaN"),
     ('{"model_type": "gpt2", "n_embd": "768"}', "n_embd"),
     ("[" * 100_000, "config.json"),

@@ -162,7 +162,7 @@ def test_tie_word_embeddings() -> None:
     ("[]", "JSON object"),
     ("null", "JSON object"),
     ("42", "JSON object"),
-    ({"model_type": "bert", "hidden_size": 8}, "model_type 'bert' is not supported"),
+    ({"model_type": "t5", "hidden_size": 8}, "model_type 't5' is not supported"),
     ({"hidden_size": 8}, "model_type None is not supported"),
     (LLAMA | {"hidden_size": "4096"}, "hidden_size must be an integer"),
     (LLAMA | {"vocab_size": "lots"}, "vocab_size must be an integer"),

@@ -7,7 +7,9 @@ measurement, not a plan, and how long it took. Without it, the one-line refusal 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from memplan.errors import UnprofiledModel
@@ -16,7 +18,22 @@ NOTE = ("no architecture profile for model_type {t!r}: measured by a fake-mode d
         "transformers model{shape}, not planned")
 
 
+def _causal_lm_in_transformers(model_type: Any) -> bool:
+    """Whether the installed transformers defines a ``...ForCausalLM`` for ``model_type``,
+    read from its source files (importing transformers to ask takes seconds)."""
+    if not isinstance(model_type, str) or not model_type.replace("_", "").isalnum():
+        return False
+    found = importlib.util.find_spec("transformers")
+    if found is None or not found.submodule_search_locations:
+        return False
+    folder = Path(list(found.submodule_search_locations)[0]) / "models" / model_type
+    return any("ForCausalLM(" in path.read_text(errors="ignore")
+               for path in folder.glob("modeling_*.py"))
+
+
 def _dry_runs(exc: UnprofiledModel, regimes: list[str]) -> list[Any]:
+    if not _causal_lm_in_transformers(exc.cfg.get("model_type")):
+        raise exc
     try:
         import torch  # noqa: F401
 
