@@ -134,7 +134,7 @@ class Profile:
 
     family: str = ""                      # ModelSpec.family
     model_types: tuple[str, ...] = ()     # Hugging Face model_type values it serves
-    attentions: tuple[str, ...] = ("sdpa", "eager")  # kernels transformers lets it train with
+    attentions: tuple[str, ...] = ("sdpa", "eager", "flash")  # kernels it trains with
     conv1d: bool = False                  # linears are GPT-2's Conv1D (PEFT: fan_in_fan_out)
     reference_model: bool = False         # memplan.nn.models builds it (--impl memplan)
     eager_softmax_fp32: bool = True       # eager attention's softmax upcasts to fp32
@@ -173,6 +173,15 @@ class Profile:
     def buffer_bytes(self, spec: ModelSpec) -> int:
         """Non-parameter buffers (rotary ``inv_freq``...)."""
         return 0
+
+    def root_lora_linears(self, spec: ModelSpec, lora: Any) -> tuple[LinearShape, ...]:
+        """Linears outside the blocks that LoRA wraps for these targets (none: PEFT's
+        all-linear leaves a causal LM's head alone)."""
+        return ()
+
+    def peft_targets(self, names: list[str]) -> list[str] | str:
+        """PEFT's ``target_modules`` for these dotted module names (PEFT matches suffixes)."""
+        return names
 
     def check(self, spec: ModelSpec, train: TrainSpec) -> None:
         """Refuse a job this family cannot run (one clear line)."""
