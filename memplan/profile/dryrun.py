@@ -17,9 +17,7 @@ from typing import Any
 import torch
 
 from memplan.errors import MemplanError
-from memplan.spec import TrainSpec
-
-DRY_RUN_REGIMES = ("full", "lora", "lora-bf16")
+from memplan.spec import DRY_RUN_REGIMES, TrainSpec
 
 
 @dataclass(frozen=True)
