@@ -76,6 +76,9 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     embed_rg = job.full or (lora and train.lora.train_embeddings)
     tied = embed_rg and spec.tie_embeddings
     x = ops.embedding(tape, ids, b * train.seq, v, h, d, embed_rg, tied=tied)
+    if ckpt_peft(train) and not x.rg:  # PEFT's enable_input_require_grads: the embedding
+        x = tape.view(x, rg=True)      # output requires grad, so block 0 saves like the rest,
+        tape.pin(x)                    # and autograd's AccumulateGrad node keeps it to the end
     target: Sym = tape.view(batch, numel=b * train.seq)
     if regime == "input-adapter":  # embed(ids) + delta(ids), the delta trains
         delta = ops.embedding(tape, ids, tokens, v, h, d, True)
@@ -92,13 +95,17 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     x = profile.embed(tape, job, x, held)
     rope = profile.rope_tables(tape, job)
     held += rope
+    n_held = len(held)
     profile.hf_inputs(tape, job, held)
+    hf_inputs = held[n_held:]
 
     ckpt = train.checkpointing
     for i in range(spec.num_layers):
         tape.enter_block(i, x)
-        if ckpt:  # non-reentrant checkpoint: keeps the block's inputs, recomputes the rest
-            tape.begin_group(i, [x, *rope])
+        if ckpt:  # non-reentrant checkpoint: keeps the block's inputs, recomputes the rest;
+            # Hugging Face's blocks take the mask and position tensors as arguments too, so
+            # the checkpoint keeps them alive until that block's backward
+            tape.begin_group(i, [x, *profile.block_args(job, rope, hf_inputs, i)])
         x_in, x = x, profile.block(tape, job, x, rope, i)
         if ckpt:
             tape.end_group()
@@ -109,11 +116,19 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     hidden = profile.final_norm(tape, job, x)
     tape.free(x, *held)
     if regime == "classifier":
-        return _classifier_head(tape, job, hidden)
+        return getattr(profile, "classifier_head", _classifier_head)(tape, job, hidden)
     loss = profile.loss(tape, job, hidden, target, embed_rg and spec.tie_embeddings)
     tape.end_forward()
     notes = ("checkpointing: each block is recomputed in backward",) if ckpt else ()
     return ActivationPlan(tape.forward_peak, tape.backward(loss), notes)
+
+
+def ckpt_peft(train: TrainSpec) -> bool:
+    """PEFT wrapping a model with gradient checkpointing on calls
+    ``enable_input_require_grads``: a forward hook makes the input embeddings' output require
+    grad (for reentrant checkpoints), so the first block saves what the others save."""
+    return (train.checkpointing and train.lora_backend == "peft"
+            and train.regime in LORA_REGIMES)
 
 
 def _classifier_head(tape: Tape, job: Job, hidden: Sym) -> ActivationPlan:

@@ -29,8 +29,9 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
         # logsumexp per head and query; the output's layout makes the (B, T, nh·hd)
         # reshape a view. Their backward makes the gradients of q, k and v only.
         repeat = job.mask is not None and nkv != nh  # HF: no enable_gqa with a mask
-        if repeat:
-            k, v = (tape.op(tape.new(tokens * nh * hd, t.itemsize, t.rg), [(t, t.nbytes)])
+        if repeat:  # one kv head (MQA): reshape of the expand is a view, nothing copied
+            k, v = (tape.op(tape.new(tokens * nh * hd, t.itemsize, t.rg) if nkv > 1 else
+                            tape.view(t, numel=tokens * nh * hd), [(t, t.nbytes)])
                     for t in (k, v))
         out = tape.new(tokens * nh * hd, d, rg)
         lse = tape.new(b * nh * s, FP32, False)
@@ -67,6 +68,9 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
     tape.free(*(t for t in (q_r, k_r) if t not in (q, k)))
     scaled = ops.unary(tape, scores, saves_input=False)
     tape.free(scores)
+    softcap = getattr(job.profile, "softcap_scores", None)  # Gemma 2: tanh soft-capping
+    if softcap is not None:
+        scaled = softcap(tape, job, scaled)
     if job.mask is not None:  # Hugging Face: scores + the model's additive float mask
         mask = None
         masked = ops.add(tape, scaled, job.mask)

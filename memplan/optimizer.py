@@ -13,6 +13,7 @@ Measured facts on torch 2.13 (shared/reference/README.md) and the code of torch.
 
 from __future__ import annotations
 
+from memplan import arch
 from memplan import params as P
 from memplan.spec import ModelSpec, TrainSpec
 
@@ -32,6 +33,8 @@ def trainable_tensors(spec: ModelSpec, train: TrainSpec) -> list[int]:
         per_block = [r * size for l in P.check_rank(spec, train.lora)
                      for size in (l.in_features, l.out_features)]
         sizes = spec.num_layers * per_block
+        sizes += [r * size for l in arch.profile_of(spec).root_lora_linears(spec, train.lora)
+                  for size in (l.in_features, l.out_features)]
         if train.lora.train_embeddings:
             sizes += [P.embedding_params(spec)] + ([P.lm_head_params(spec)]
                                                    if not spec.tie_embeddings else [])

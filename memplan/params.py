@@ -144,7 +144,8 @@ def resolve_targets(spec: ModelSpec, targets: str | tuple[str, ...] | list[str]
 def check_rank(spec: ModelSpec, lora: LoraSpec) -> tuple[LinearShape, ...]:
     """Resolve the targets and check that the rank fits every targeted matrix."""
     layers = resolve_targets(spec, lora.targets)
-    smallest = min(min(layer.in_features, layer.out_features) for layer in layers)
+    smallest = min(getattr(layer, "max_rank", min(layer.in_features, layer.out_features))
+                   for layer in layers)  # max_rank: a PEFT ParamWrapper target (MoE) has none
     if lora.rank > smallest:
         raise MemplanError(
             f"LoRA rank {lora.rank} is larger than the smallest targeted dimension {smallest}; "
@@ -161,7 +162,9 @@ def lora_params(spec: ModelSpec, lora: LoraSpec) -> int:
     """
     layers = check_rank(spec, lora)
     per_block = sum(lora.rank * (layer.in_features + layer.out_features) for layer in layers)
-    return spec.num_layers * per_block
+    root = sum(lora.rank * (layer.in_features + layer.out_features)
+               for layer in _profile(spec).root_lora_linears(spec, lora))
+    return spec.num_layers * per_block + root
 
 
 def lora_embedding_params(spec: ModelSpec, lora: LoraSpec) -> int:

@@ -216,6 +216,13 @@ class Profile:
             job.mask = tape.alloc(tape.new(job.b * job.s * job.s, itemsize, False))
             held.append(job.mask)
 
+    def block_args(self, job: Job, rope: list[Sym], hf_inputs: list[Sym],
+                   layer: int) -> list[Sym]:
+        """What each block is called with besides its input: a checkpointed block keeps them
+        alive until its backward. memplan's blocks take the rotary tables; Hugging Face's also
+        the position ids and the mask (``hf_inputs``)."""
+        return [*rope, *hf_inputs] if job.hf else list(rope)
+
     def block(self, tape: Tape, job: Job, x: Sym, rope: list[Sym], layer: int) -> Sym:
         """One block's forward; returns its output (the input stays the caller's)."""
         raise NotImplementedError

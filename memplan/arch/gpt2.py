@@ -98,12 +98,20 @@ class GPT2(Profile):
         if not held:
             tape.free(x)
         held += [positions] + ([pos] if job.hf else [])
+        job.position_ids = positions
         if not job.hf:
             tape.free(pos)
         out = ops.dropout(tape, summed, spec.dropout)
         if out is not summed:
             tape.free(summed)
         return out
+
+    def block_args(self, job: Job, rope: list[Sym], hf_inputs: list[Sym],
+                   layer: int) -> list[Sym]:
+        """GPT2Block(hidden_states, cache, causal_mask, ..., position_ids=position_ids)."""
+        if not job.hf:
+            return []
+        return [job.position_ids, *([job.mask] if job.mask is not None else [])]
 
     def norm(self, tape: Tape, job: Job, x: Sym) -> Sym:
         return ops.layernorm(tape, x, job.tokens, job.spec.hidden_size, job.full or job.bitfit)

@@ -48,6 +48,8 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = hf
         self.spec = spec
+        # a sequence classifier (BERT) takes class labels (B,) where a causal LM takes (B, T)
+        self.sequence_classifier = getattr(arch.profile_of(spec), "sequence_classifier", False)
 
     def _base(self) -> nn.Module:
         model = self.hf
@@ -80,16 +82,22 @@ class HFCausalLM(nn.Module):
 
 
 def build_hf_model(spec: ModelSpec, device: str | torch.device | None = None,
-                   attention: str = "sdpa", checkpointing: bool = False) -> HFCausalLM:
+                   attention: str | None = None, checkpointing: bool = False) -> HFCausalLM:
     """Build the transformers model of ``spec`` from its config, in fp32, in training mode.
 
-    Under an active ``FakeTensorMode`` the parameters are fake tensors.
+    Under an active ``FakeTensorMode`` the parameters are fake tensors. ``attention`` None:
+    the family's first kernel (sdpa, or eager for a family without sdpa such as Gemma 2).
     """
+    attention = attention or arch.profile_of(spec).attentions[0]
+    if getattr(arch.profile_of(spec), "grouped_mm_fake", False):  # MoE experts under fakes
+        from memplan.nn.moe_kernels import register_fake_grouped_mm
+
+        register_fake_grouped_mm()
     transformers = _transformers()
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    config = transformers.AutoConfig.for_model(**hf_config(spec), bos_token_id=None,
-                                               eos_token_id=None, pad_token_id=None)
+    tokens = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    config = transformers.AutoConfig.for_model(**(tokens | hf_config(spec)))
     config.use_cache = False
     config._attn_implementation = attention
     with torch.device(device or "cpu"):
@@ -118,7 +126,10 @@ def apply_peft_lora(model: HFCausalLM, lora: LoraSpec, adapter_fp32: bool = True
         raise MemplanError("--lora-backend peft needs PEFT: pip install 'memplan[hf]'") from None
     layers = check_rank(model.spec, lora)
     names = sorted({layer.name for layer in layers})  # dotted: "attn.c_proj", not "c_proj"
-    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=names,
+    profile = arch.profile_of(model.spec)
+    names += [layer.name for layer in profile.root_lora_linears(model.spec, lora)]
+    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
+                             target_modules=profile.peft_targets(names),
                              lora_dropout=0.0, bias="none",
                              fan_in_fan_out=arch.profile_of(model.spec).conv1d)
     # PEFT's own upcast (autocast_adapter_dtype) uses Module.to, which cannot swap the

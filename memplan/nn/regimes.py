@@ -155,7 +155,11 @@ def _input_embedding(model: nn.Module) -> nn.Embedding:
 
 
 def _lm_loss(model: nn.Module) -> LossFn:
+    classes = getattr(model, "sequence_classifier", False)  # takes class labels (B,)
+
     def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+        if classes:
+            return model(input_ids, labels=class_labels)
         if labels is None:
             raise MemplanError("this regime trains a language model: give labels (B, T)")
         return model(input_ids, labels=labels)

@@ -62,6 +62,7 @@ def test_lora_count_equals_peft(name: str, targets: str) -> None:
         modules = sorted({l.name for l in block_linears(spec) if l.targetable
                           and (l.group == targets or (targets == "mlp" and l.group in
                                                       ("mlp", "expert", "router")))})
+        modules = arch.profile_of(spec).peft_targets(modules)  # PEFT matches suffixes
     config = peft.LoraConfig(r=4, target_modules=modules, lora_dropout=0.0,
                              fan_in_fan_out=arch.profile_of(spec).conv1d)
     wrapped = peft.get_peft_model(model, config)
