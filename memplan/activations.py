@@ -62,7 +62,6 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     prompt = train.prompt_tokens if regime == "prompt-tuning" else 0
     lora = regime in LORA_REGIMES
     profile = arch.profile_of(spec)
-    profile.check(spec, train)
     job = Job(spec, train, profile, train.batch, train.seq + prompt, compute,
               full=regime in FULL_REGIMES, bitfit=regime == "bitfit",
               targeted={l.name for l in P.check_rank(spec, train.lora)} if lora else set(),

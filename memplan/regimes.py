@@ -116,6 +116,7 @@ def check_job(spec: ModelSpec, train: TrainSpec) -> None:
         raise MemplanError("--lora-backend peft wraps Hugging Face models; add --impl hf")
     check_shardable(train)
     profile = arch.profile_of(spec)
+    profile.check(spec, train)
     if (train.impl == "hf" and profile.conv1d and train.lora_backend == "memplan"
             and train.regime in ("lora", "lora-bf16", "qlora")):
         raise MemplanError("Hugging Face GPT-2 uses Conv1D layers, which memplan's LoRALinear "

@@ -184,8 +184,8 @@ class Profile:
         return names
 
     def check(self, spec: ModelSpec, train: TrainSpec) -> None:
-        """Refuse a job this family cannot run (one clear line)."""
-        if train.attention not in self.attentions:
+        """Refuse a job this family cannot run (one clear line); called for every plan."""
+        if train.has_activations and train.attention not in self.attentions:
             from memplan.errors import MemplanError
 
             raise MemplanError(f"{spec.name} ({spec.model_type or self.family}) trains with "

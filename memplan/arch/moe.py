@@ -131,7 +131,16 @@ class MoE(Llama):
         if train.regime == "qlora":
             raise MemplanError(f"{spec.name}: QLoRA's NF4 base quantises nn.Linear layers, "
                                "not the 3-D expert stacks; use lora-bf16")
-        if train.regime in ("lora", "lora-bf16") and train.lora_backend != "peft":
+        from memplan.fsdp import is_sharded
+        from memplan.params import check_rank
+
+        lora = train.regime in ("lora", "lora-bf16")
+        if lora and is_sharded(train) and any(
+                l.group in ("expert", "router") for l in check_rank(spec, train.lora)):
+            raise MemplanError(f"{spec.name}: FSDP with LoRA on the router and expert stacks is "
+                               "not planned (PEFT's ParamWrapper adapters); shard LoRA on "
+                               "--targets attention, or plan one GPU")
+        if lora and train.lora_backend != "peft":
             raise MemplanError(f"{spec.name} is a mixture of experts: its router and expert "
                                "stacks are PEFT ParamWrapper targets; use --lora-backend peft")
 

@@ -19,8 +19,8 @@ def estimate(
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     gpus: o.Gpus = 1, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
-    checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
-    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "memplan",
+    checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
+    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "auto",
     regime: Annotated[list[str] | None, typer.Option(
         "--regime", help="Only these regimes (repeatable); default: all of them.")] = None,
     shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
@@ -32,7 +32,7 @@ def estimate(
     --gpus M > 1, zero is FSDP per GPU (gather buffers included) and the mixed recipe and LoRA
     are shown sharded too; --shard shards every regime that FSDP can.
     """
-    from memplan.errors import UnprofiledModel
+    from memplan.errors import MemplanError, UnprofiledModel
     from memplan.params import bias_params, count_params, lora_params
     from memplan.planner import plan
     from memplan.presets import gpus as gpu_catalogue
@@ -65,12 +65,17 @@ def estimate(
     catalogue = gpu_catalogue()
     rows, results = [], {}
     if param_dtype != "fp32" and gpus < 2:
-        from memplan.errors import MemplanError
-
         raise MemplanError(f"--param-dtype {param_dtype} is FSDP's mixed-precision policy: add "
                            "--gpus 2 or more")
+    skipped: dict[str, str] = {}
     for label, train in _variants(job.train, wanted, shard, param_dtype):
-        breakdown = plan(job.spec, train, job.params)
+        try:
+            breakdown = plan(job.spec, train, job.params)
+        except MemplanError as exc:  # a regime this model cannot run: say why, plan the rest
+            if regime:
+                raise
+            skipped[label] = str(exc)
+            continue
         fits_on = [g.name for g in catalogue.values()
                    if breakdown.total_bytes + reserve_bytes <= g.capacity_bytes]
         rows.append((label, breakdown, fits_on))
@@ -79,13 +84,13 @@ def estimate(
         print_json({"params": n, "lora_params": m, "assumed": job.assumed,
                     "architecture": architecture_dict(job.spec),
                     "train": _train_dict(job.train), "reserve_bytes": reserve_bytes,
-                    "regimes": results})
+                    "regimes": results, "skipped": skipped})
         return
     out = console()
     out.print(f"[bold]{job.spec.name}[/bold]: {job.assumed}")
     out.print(symbols_line({"N": n, "M": m}) + f"  (LoRA rank {rank} on {targets})")
     if job.train.has_activations:
-        out.print(f"activations for batch {batch} × seq {seq}, {attention} attention"
+        out.print(f"activations for batch {batch} × seq {seq}, {job.train.attention} attention"
                   + (", checkpointing" if checkpointing else ""))
     else:
         out.print("[yellow]activations excluded[/yellow]: model states only, the notes' "
@@ -95,6 +100,8 @@ def estimate(
                   " rows are FSDP per GPU (rank 0, the fullest); the others replicate the "
                   "model on every GPU")
     out.print(estimate_table(f"peak memory per GPU ({optimizer}, {optimizer_impl})", rows))
+    for label, why in skipped.items():
+        out.print(f"not planned: {label}: {why}", markup=False)
     out.print(f"fits on: after a runtime reserve of {reserve_bytes / 2**30:.2f} GiB per GPU "
               "(--reserve); see `memplan gpus` for capacities")
 

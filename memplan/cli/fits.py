@@ -24,8 +24,8 @@ def fits(
     classes: o.Classes = 2,
     prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
-    checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
-    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "memplan",
+    checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
+    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "auto",
     reserve: o.Reserve = None, json_out: o.Json = False,
 ) -> None:
     """Answer yes (exit 0) or no (exit 1): does the job fit on one GPU, with what headroom.

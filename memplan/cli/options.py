@@ -46,13 +46,15 @@ Impl = Annotated[str, typer.Option(
 Ckpt = Annotated[bool, typer.Option(
     "--checkpointing", help="Activation checkpointing: keep block inputs, recompute the rest.")]
 Attention = Annotated[str, typer.Option(
-    "--attention", help="sdpa (flash kernels, no s² scores) or eager (stores s² scores).")]
+    "--attention", help="sdpa (flash kernels, no s² scores), eager (stores s² scores), or "
+    "auto: the family's first (sdpa; eager for Gemma 2, which trains with eager only).")]
 ModelImpl = Annotated[str, typer.Option(
     "--impl", help="Whose model code: memplan (the reference models of llama and gpt2), hf "
     "(Hugging Face transformers: its loss, masks and activations), or auto (memplan's where "
     "the family has one, else hf).")]
 LoraBackend = Annotated[str, typer.Option(
-    "--lora-backend", help="memplan (LoRALinear) or peft (Hugging Face PEFT; needs --impl hf).")]
+    "--lora-backend", help="memplan (LoRALinear), peft (Hugging Face PEFT; needs --impl hf) or "
+    "auto (memplan's with memplan's models, PEFT with Hugging Face's).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")]
 Reserve = Annotated[str | None, typer.Option(
     "--reserve", help="Per-GPU runtime reserve (CUDA context, allocator), e.g. 1GiB.")]
@@ -109,28 +111,34 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
              gpus: int = 1, classes: int = 2, prompt_tokens: int = 20, optimizer: str = "adamw",
              optimizer_impl: str = "fused", checkpointing: bool = False,
              attention: str = "sdpa", impl: str = "auto",
-             lora_backend: str = "memplan", shard: str = "none",
+             lora_backend: str = "auto", shard: str = "none",
              param_dtype: str = "fp32") -> Job:
     """Validate the options and build the job (every bad value raises MemplanError).
 
-    ``impl="auto"``: memplan's reference model where the family has one, else Hugging Face's.
+    ``impl="auto"``: memplan's reference model where the family has one, else Hugging Face's;
+    ``lora_backend="auto"``: memplan's LoRALinear on memplan's models, PEFT on Hugging Face's.
     """
     options = dict(regime=regime, rank=rank, alpha=alpha, targets=targets,
                    train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                    classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                    optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                   attention=attention, lora_backend=lora_backend, shard=shard,
-                   param_dtype=param_dtype)
+                   shard=shard, param_dtype=param_dtype)
     try:
         spec, n, assumed = resolve_model(params, model, config, as_family)
     except UnprofiledModel as exc:  # the command may measure it instead (memplan.cli.measured)
-        exc.train = make_train(**options, impl="hf")
+        exc.train = make_train(**options, attention=attention, impl="hf", lora_backend="peft")
         raise
     if impl == "auto":
         from memplan import arch
 
         impl = "memplan" if arch.profile_of(spec).reference_model else "hf"
-    train = make_train(**options, impl=impl)
+    if lora_backend == "auto":
+        lora_backend = "peft" if impl == "hf" else "memplan"
+    if attention == "auto":
+        from memplan import arch
+
+        attention = arch.profile_of(spec).attentions[0]
+    train = make_train(**options, attention=attention, impl=impl, lora_backend=lora_backend)
     if seq is not None and spec.learned_positions and seq > spec.max_positions:
         raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
                            f"{spec.name}; use --seq {spec.max_positions} or less")
@@ -144,7 +152,11 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
                checkpointing: bool = False, attention: str = "sdpa", impl: str = "memplan",
                lora_backend: str = "memplan", shard: str = "none",
                param_dtype: str = "fp32") -> TrainSpec:
-    """The TrainSpec of the job options alone, for commands where the model is optional."""
+    """The TrainSpec of the job options alone, for commands where the model is optional
+    (``auto`` choices take memplan's reference models' defaults)."""
+    attention = "sdpa" if attention == "auto" else attention
+    impl = "memplan" if impl == "auto" else impl
+    lora_backend = "memplan" if lora_backend == "auto" else lora_backend
     if isinstance(gpus, int) and gpus < 1:
         raise MemplanError(f"--gpus must be at least 1, got {gpus}")
     return TrainSpec(

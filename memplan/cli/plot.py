@@ -49,7 +49,7 @@ def plot(
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     gpus: PlotGpus = 8, classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
-    checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
+    checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
     gpu: Gpu = None, memory: Memory = None, axis: Axis = "batch", reserve: o.Reserve = None,
     report: Report = None,
 ) -> None:

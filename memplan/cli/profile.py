@@ -35,8 +35,8 @@ def profile(
     train_embeddings: o.TrainEmb = False, batch: o.Batch = 1, seq: o.Seq = 128,
     classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
-    checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
-    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "memplan",
+    checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
+    impl: o.ModelImpl = "auto", lora_backend: o.LoraBackend = "auto",
     device: Device = "auto",
     steps: Annotated[int, typer.Option("--steps", help="Steady-state steps after warm-up.")] = 2,
     capacity: Annotated[str | None, typer.Option(

@@ -31,7 +31,7 @@ def scale(
     rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
-    checkpointing: o.Ckpt = False, attention: o.Attention = "sdpa",
+    checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
     reserve: o.Reserve = None, json_out: o.Json = False,
 ) -> None:
     """The fewest GPUs that fit each regime, and the per-GPU memory for each GPU count.

@@ -169,6 +169,12 @@ def profile_sharded(spec: ModelSpec, train: TrainSpec, nproc: int, device: str =
 
     device = resolve_device(device)
     if train.impl != "memplan":
+        from memplan import arch
+
+        if not arch.profile_of(spec).reference_model:
+            raise MemplanError(f"sharded profiles run memplan's reference models (llama, gpt2); "
+                               f"{spec.name} has none: plan it with `memplan estimate --gpus "
+                               f"{nproc}`")
         raise MemplanError("sharded runs use memplan's reference models; drop --impl hf")
     check_sharded(train, nproc)
     check_nproc(nproc, device)
