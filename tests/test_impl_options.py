@@ -53,7 +53,7 @@ def test_a_config_with_no_known_shape_is_still_refused(tmp_path) -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--impl", "tf"], "implementation"),
-    (["--lora-backend", "peft"], "--impl hf"),
+    (["--lora-backend", "peft", "--impl", "memplan"], "--impl hf"),
     (["--lora-backend", "loralib", "--impl", "hf"], "LoRA backend"),
 ])
 def test_bad_impl_options_exit_2(args, message) -> None:

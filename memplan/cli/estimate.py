@@ -80,6 +80,8 @@ def estimate(
                    if breakdown.total_bytes + reserve_bytes <= g.capacity_bytes]
         rows.append((label, breakdown, fits_on))
         results[label] = breakdown.to_dict() | {"fits_on": fits_on}
+    if not rows:  # nothing this model can run: the first reason is the answer
+        raise MemplanError(next(iter(skipped.values())))
     if json_out:
         print_json({"params": n, "lora_params": m, "assumed": job.assumed,
                     "architecture": architecture_dict(job.spec),

@@ -131,7 +131,8 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
     if impl == "auto":
         from memplan import arch
 
-        impl = "memplan" if arch.profile_of(spec).reference_model else "hf"
+        impl = "memplan" if arch.profile_of(spec).reference_model and lora_backend != "peft" \
+            else "hf"
     if lora_backend == "auto":
         lora_backend = "peft" if impl == "hf" else "memplan"
     if attention == "auto":

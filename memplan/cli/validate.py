@@ -35,6 +35,7 @@ def validate(
 
     if out.exists() and not out.is_dir():
         raise MemplanError(f"--out {str(out)!r} is a file; give a folder")
+    impl = "memplan" if impl == "auto" else impl  # the matrices are per implementation
     if impl not in IMPLS:  # checked before the progress bar is drawn
         raise unknown("implementation", impl, IMPLS)
     if sharded and impl != "memplan":
