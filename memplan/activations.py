@@ -16,13 +16,14 @@ The eager path adds the s² score matrices; frozen weights drop the inputs only 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 from memplan import arch, ops
 from memplan import params as P
 from memplan.arch.base import Job
-from memplan.autograd import FP32, INT64, Moment, Sym, Tape
+from memplan.autograd import FP32, INT64, Moment, NotPeriodic, Sym, Tape
 from memplan.regimes import ModelState
 from memplan.spec import PAPER_STAGES, ModelSpec, TrainSpec
 
@@ -41,14 +42,44 @@ LORA_REGIMES = ("lora", "lora-bf16", "qlora")
 
 
 def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
-                     runtime: str = "cuda", fsdp: Any = None) -> ActivationPlan:
+                     runtime: str = "cuda", fsdp: Any = None,
+                     reuse: bool = True) -> ActivationPlan:
     """Run one forward pass symbolically, then its backward; report both peaks.
 
     ``runtime``: ``cuda`` plans a real run; ``cpu`` and ``fake`` plan a run measured by
     memplan's tracker (CPU kernels keep dropout masks in the input's dtype, and any active
     TorchDispatchMode makes autograd add gradients out of place). ``fsdp``: a
     :class:`memplan.fsdp.Schedule` when the model is sharded; its buffers join every moment.
+    ``reuse``: walk one copy of identical blocks and count the others
+    (:meth:`memplan.autograd.Tape.repeat`), to the same bytes; where the walked copies
+    disagree, every block is walked. False walks every block.
     """
+    if reuse:
+        try:  # on a copy of the schedule: a walk that stops half way leaves it as it was
+            return _walk(spec, train, state, runtime, copy.deepcopy(fsdp), True)
+        except NotPeriodic:
+            pass
+    return _walk(spec, train, state, runtime, fsdp, False)
+
+
+def layer_keys(profile: Any, job: Job, rope: list[Sym],
+               hf_inputs: list[Sym]) -> tuple[list[Any], list[tuple[int, ...]]]:
+    """For each block, what makes it differ from the others in memory: the profile's own
+    ``layer_key(spec, i)`` where it has one, and the sizes of what the block is called with
+    besides its input (masks, rotary tables); and the storages of those, which blocks share
+    (Gemma's sliding and global layers read tables and masks of their kind)."""
+    keys, shared = [], []
+    for i in range(job.spec.num_layers):
+        args = profile.block_args(job, rope, hf_inputs, i)
+        keys.append((profile.layer_key(job.spec, i),
+                     tuple((t.numel, t.itemsize, t.held, t.rg) for t in args)))
+        shared.append(tuple(t.storage for t in args))
+    return keys, shared
+
+
+def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fsdp: Any,
+          reuse: bool) -> ActivationPlan:
+    """:func:`plan_activations`, walking one copy of identical blocks when ``reuse``."""
     assert train.batch is not None and train.seq is not None
     regime = train.regime
     bf16_policy = fsdp is not None and train.param_dtype == "bf16"  # gathered and run in bf16
@@ -99,7 +130,11 @@ def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
     hf_inputs = held[n_held:]
 
     ckpt = train.checkpointing
+    if reuse:
+        tape.repeat(*layer_keys(profile, job, rope, hf_inputs))
     for i in range(spec.num_layers):
+        if not tape.walks(i, x):
+            continue  # alike a walked block: the tape counts it
         tape.enter_block(i, x)
         if ckpt:  # non-reentrant checkpoint: keeps the block's inputs, recomputes the rest;
             # Hugging Face's blocks take the mask and position tensors as arguments too, so

@@ -1,6 +1,6 @@
 """Optimizer temporaries and bookkeeping: what ``optimizer.step()`` holds beyond its states.
 
-Measured facts on torch 2.13 (shared/reference/README.md) and the code of torch.optim:
+Measured facts on torch 2.13 and the code of torch.optim:
 - AdamW, foreach: ``torch._foreach_sqrt(exp_avg_sqs)`` makes one copy of every second moment,
   i.e. the size of all trainable parameters, alive for the whole update.
 - AdamW, for-loop: ``exp_avg_sq.sqrt() / bias_correction2_sqrt`` makes two tensors the size of

@@ -56,7 +56,7 @@ class Breakdown:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        """The JSON form of DESIGN.md: integers for bytes."""
+        """The JSON form (the README's JSON contract): integers for bytes."""
         return {
             "total_bytes": self.total_bytes,
             "components": dict(self.components),
@@ -226,7 +226,7 @@ class FitResult:
     breakdown: Breakdown = field(repr=False)
 
     def to_dict(self) -> dict:
-        """The JSON form of DESIGN.md."""
+        """The JSON form (the README's JSON contract)."""
         return {
             "fits": self.fits, "required_bytes": self.required_bytes,
             "capacity_bytes": self.capacity_bytes, "reserve_bytes": self.reserve_bytes,

@@ -4,7 +4,7 @@ The notes' regimes (N = model parameters, M = LoRA parameters, C = head, E = inp
 
     full           16N        fp32 weights 4N, fp32 grads 4N, Adam m and v 8N
     mixed          12N        fp32 weights 4N, bf16 grads 2N, bf16 m 2N, fp32 v 4N
-    zero           16N/M      the full recipe, every state sharded over M GPUs (ZeRO-3 / FSDP)
+    zero           16N/G      the full recipe, every state sharded over G GPUs (ZeRO-3 / FSDP)
     lora           4N + 16M   frozen fp32 base; fp32 adapters with grads and Adam states
     classifier     4N + 16C   frozen backbone, a new head
     input-adapter  4N + 16E   frozen model, a new additive input embedding of E parameters
@@ -142,9 +142,10 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
     if regime in ("full", "zero"):
         s = STATE_BYTES_FP32[opt]
         shard = gpus if regime == "zero" else 1
-        formula = f"{_coef(8 + s)}N" + ("/M" if regime == "zero" else "")
+        formula = f"{_coef(8 + s)}N" + ("/G" if regime == "zero" else "")
         return ModelState(regime, formula, 4 * n // shard, 4 * n // shard, s * n // shard, 0,
-                          trainable, 0, 4, 4, True, symbols | ({"M": gpus} if shard > 1 else {}))
+                          trainable, 0, 4, 4, True,
+                          symbols | ({"M": gpus, "G": gpus} if shard > 1 else {}))
     if regime == "mixed":
         s = STATE_BYTES_MIXED[opt]
         return ModelState(regime, f"{_coef(6 + s)}N", 4 * n, 2 * n, s * n, 0, trainable, 0, 2,
@@ -157,9 +158,9 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
         w = 2 * n // (gpus if stage >= 3 else 1)
         g = 2 * n // (gpus if stage >= 2 else 1)
         master, states = 4 * n // gpus, 8 * n // gpus
-        formula = {1: "2N + 2N + 12N/M", 2: "2N + 14N/M", 3: "16N/M"}[stage]
+        formula = {1: "2N + 2N + 12N/G", 2: "2N + 14N/G", 3: "16N/G"}[stage]
         return ModelState(regime, formula, w, g, states, master, trainable, 0, 2, 2, True,
-                          symbols | {"M": gpus})
+                          symbols | {"M": gpus, "G": gpus})  # "M": the old key, kept
 
     # Frozen base, a small trainable set. New parameters (adapters, heads, prompts) are fp32 with
     # fp32 grads and states; existing ones that train (LoRA's embeddings, BitFit's biases) keep

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from memplan.planner import COMPONENTS, Breakdown
 from memplan.units import format_bytes, format_count
@@ -99,12 +100,12 @@ def profile_table(result: Any) -> Table:
     """Plan beside measurement, component by component, with the relative error."""
     pred, meas = result.predicted, result.measured
     err = result.relative_error
-    title = (f"{result.spec.name} · {result.train.regime} · batch {result.train.batch} × seq "
-             f"{result.train.seq} on {meas.device}: "
-             + (f"error {100 * err:+.2f}%" if err is not None else
-                f"does not fit; measured up to {format_bytes(meas.peak_bytes)}"
-                if meas.peak_bytes > 0 else
-                f"does not fit: {meas.extra.get('error', 'the run could not allocate')}"))
+    title = escape(f"{result.spec.name} · {result.train.regime} · batch {result.train.batch} × "
+                   f"seq {result.train.seq} on {meas.device}: "
+                   + (f"error {100 * err:+.2f}%" if err is not None else
+                      f"does not fit; measured up to {format_bytes(meas.peak_bytes)}"
+                      if meas.peak_bytes > 0 else
+                      f"does not fit: {meas.extra.get('error', 'the run could not allocate')}"))
     table = Table(title=title, title_justify="left")
     for col in ("component", "planned", "measured", "difference"):
         table.add_column(col, justify="left" if col == "component" else "right")
@@ -127,10 +128,11 @@ def sharded_table(result: Any) -> Table:
     """Every measured rank of an FSDP run: plan, measurement, error, where each peaks."""
     train = result.train
     worst = result.worst_relative_error
-    title = (f"{result.spec.name} · {train.regime} · FSDP {train.shard} over {result.nproc} "
-             f"ranks · batch {train.batch} × seq {train.seq} per rank on "
-             f"{result.ranks[0].measured.device}: "
-             + (f"worst error {100 * worst:+.2f}%" if worst is not None else "does not fit"))
+    title = escape(f"{result.spec.name} · {train.regime} · FSDP {train.shard} over "
+                   f"{result.nproc} ranks · batch {train.batch} × seq {train.seq} per rank on "
+                   f"{result.ranks[0].measured.device}: "
+                   + (f"worst error {100 * worst:+.2f}%" if worst is not None else
+                      "does not fit"))
     table = Table(title=title, title_justify="left")
     for col in ("rank", "planned", "measured", "error", "plan peaks at", "measured peak at"):
         table.add_column(col, justify="right" if col in ("planned", "measured", "error")
@@ -140,7 +142,7 @@ def sharded_table(result: Any) -> Table:
         table.add_row(str(m.extra.get("rank", "?")), format_bytes(r.predicted.total_bytes),
                       format_bytes(m.peak_bytes) if m.fits else f"≥ {format_bytes(m.peak_bytes)}",
                       "n/a" if err is None else f"{100 * err:+.3f}%", r.predicted.peak_phase,
-                      str(m.extra.get("peak_where", "")))
+                      Text(str(m.extra.get("peak_where", ""))))
     shown = len(result.ranks)
     table.caption = ("every rank measured" if shown == result.nproc else
                      f"ranks 0 (the fullest) and {result.nproc - 1} (the emptiest) measured; "
@@ -149,20 +151,21 @@ def sharded_table(result: Any) -> Table:
 
 
 def scale_table(results: list[Any], capacity_bytes: int, reserve_bytes: int) -> Table:
-    """Per-GPU plan of each regime at each GPU count, green where it fits."""
-    table = Table(title="per-GPU peak (rank 0) by number of GPUs M", title_justify="left")
-    table.add_column("M", justify="right")
+    """Per-GPU plan of each regime at each GPU count G, marked "fits" or "over" (and coloured)."""
+    table = Table(title="per-GPU peak (rank 0) by number of GPUs G", title_justify="left")
+    table.add_column("G", justify="right")
     for r in results:
         table.add_column(r.regime, justify="right")
-    table.add_column("16N/M", justify="right")
+    table.add_column("16N/G", justify="right")
     counts = list(results[0].plans) if results else []
     for m in counts:
         cells = []
         for r in results:
             b = r.plans[m]
             ok = b.total_bytes + reserve_bytes <= capacity_bytes
-            cells.append(f"[{'green' if ok else 'red'}]{format_bytes(b.total_bytes)}[/]")
+            cells.append(f"[{'green' if ok else 'red'}]{format_bytes(b.total_bytes)} "
+                         f"{'fits' if ok else 'over'}[/]")
         n = results[0].plans[m].symbols.get("N", 0)
         table.add_row(str(m), *cells, format_bytes(16 * n // m))
-    table.caption = "green: fits with the reserve; red: does not"
+    table.caption = "fits (green): fits with the reserve; over (red): does not"
     return table

@@ -35,9 +35,9 @@ GROUP = typer.main.get_command(APP)
 COMMANDS = tuple(GROUP.commands)
 SCALE = float(os.environ.get("MEMPLAN_FUZZ_SCALE", "1"))
 CASES = {"estimate": 1400, "fits": 1100, "gpus": 150, "models": 150, "profile": 300,
-         "validate": 80, "plot": 200, "scale": 300}
+         "validate": 80, "plot": 200, "scale": 300, "advise": 400}
 HEAVY = ("profile", "validate", "plot")  # commands whose valid cases run models or draw
-EXIT_ONE = ("fits", "profile")  # exit 1 is their "does not fit"
+EXIT_ONE = ("fits", "profile", "advise")  # exit 1 is their "does not fit"
 COUNT = {"cases": 0}  # reported by test_fuzz_counts
 
 
@@ -123,8 +123,8 @@ def pools(command: str, name: str, files: dict[str, str]) -> tuple[list[str], li
         "reserve": (SIZES_OK + ["0"], SIZES_BAD),
         "memory": (SIZES_OK, SIZES_BAD + ["0"]),
         "capacity": (SIZES_OK, SIZES_BAD + ["0"]),
-        "gpu": (["t4", "a100-80gb", "h100-80gb", "rtx-4090", "H100-80GB"],
-                ["h100", "nope", "", "a100"]),
+        "gpu": (["t4", "a100-80gb", "h100-80gb", "rtx-4090", "H100-80GB", "h100", "a100",
+                 "NVIDIA GeForce RTX 4090"], ["h1000", "nope", "", "nvidia", "[red]x"]),
         "device": (["cpu", "fake", "auto"], ["bogus", "", "gpu", "CPU", "cuda:0", "cdua"]),
         "steps": (["1", "2"], ["0", "-1", "101", "1000", "9" * 30, "x"]),
         "out": ([f"{files['root']}/plots/p.png", f"{files['root']}/p.svg", "p.png"]

@@ -6,10 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from memplan.params import count_params
 from memplan.planner import DEFAULT_RESERVE_BYTES, fits, max_batch, plan
 from memplan.presets import get_gpu, get_model
-from memplan.shapes import shape_for_params
 from memplan.spec import TrainSpec
 
 GiB = 2**30
@@ -133,37 +131,3 @@ def test_larger_reserve_never_fits_more() -> None:
     large = max_batch(spec, train, 16 * GiB, reserve_bytes=4 * GiB)
     assert small > large >= 1
 
-
-# ---- the architecture assumed for --params ---------------------------------------------------
-
-@pytest.mark.parametrize(("n", "preset"), [
-    (7e9, "llama-2-7b"), (6.7e9, "llama-2-7b"), (13e9, "llama-2-13b"), (70e9, "llama-2-70b"),
-    (65e9, "llama-2-70b"), (10**12, "llama-2-70b"),
-])
-def test_shape_for_params_uses_nearest_llama2_preset(n: float, preset: str) -> None:
-    spec, sentence = shape_for_params(int(n))
-    assert spec == get_model(preset)
-    assert preset in sentence
-
-
-@pytest.mark.parametrize("n", [10**9, 5 * 10**8, 124_000_000, 2_500_000_000])
-def test_shape_for_params_scales_below_3b(n: int) -> None:
-    spec, sentence = shape_for_params(n)
-    built = count_params(spec)
-    assert abs(built - n) <= 0.1 * n
-    assert spec.family == "llama"
-    assert spec.head_dim == 128 and spec.vocab_size == 32000
-    assert spec.hidden_size % 128 == 0
-    assert spec.num_layers == spec.num_heads == spec.hidden_size // 128
-    assert spec.intermediate_size % 256 == 0
-    assert f"{built:,}" in sentence
-    assert spec.name not in ("llama-2-7b", "llama-2-13b", "llama-2-70b")
-
-
-def test_shape_for_1e9_is_nearest_scaled_hidden() -> None:
-    spec, _ = shape_for_params(10**9)
-    # the neighbouring hidden sizes are further from 1e9
-    from memplan.shapes import _scaled
-
-    others = [count_params(_scaled(spec.hidden_size + d)) for d in (-128, 128)]
-    assert all(abs(o - 10**9) >= abs(count_params(spec) - 10**9) for o in others)

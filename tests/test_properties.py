@@ -189,7 +189,7 @@ def test_zero_on_one_gpu_is_full(job, runtime) -> None:
     assert one.components == full.components
     assert one.phases == full.phases
     assert one.model_state_bytes == full.model_state_bytes
-    assert one.formula.removesuffix("/M") == full.formula
+    assert one.formula.removesuffix("/G") == full.formula
 
 
 @SETTINGS

@@ -65,13 +65,13 @@ def test_zero_is_16n_over_m(name: str, gpus: int) -> None:
         (4 * n // gpus, 4 * n // gpus, 8 * n // gpus)
     assert s.total_bytes == 4 * n // gpus + 4 * n // gpus + 8 * n // gpus
     assert abs(s.total_bytes - 16 * n / gpus) < 3
-    assert s.formula == "16N/M"
+    assert s.formula == "16N/G"
 
 
 def test_zero_8_gpus_llama_exact() -> None:
     spec, s = _state("llama-2-7b", "zero", gpus=8)
     assert s.total_bytes == 16 * 6_738_415_616 // 8 == 13_476_831_232
-    assert s.symbols["M"] == 8
+    assert s.symbols["G"] == s.symbols["M"] == 8  # G: GPUs; "M" kept for old readers
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -228,7 +228,7 @@ def test_zero_sgd() -> None:
     n = _n(spec)
     s = model_state(spec, TrainSpec(regime="zero", optimizer="sgd", gpus=4))
     assert s.total_bytes == 4 * n // 4 + 4 * n // 4
-    assert s.formula == "8N/M"
+    assert s.formula == "8N/G"
 
 
 def test_bitfit_sgd_momentum() -> None:
@@ -274,10 +274,10 @@ def test_qlora_model_state(name: str) -> None:
 # ---- the formula strings ---------------------------------------------------------------------
 
 @pytest.mark.parametrize(("regime", "formula"), [
-    ("full", "16N"), ("mixed", "12N"), ("zero", "16N/M"), ("lora", "4N + 16M"),
+    ("full", "16N"), ("mixed", "12N"), ("zero", "16N/G"), ("lora", "4N + 16M"),
     ("classifier", "4N + 16C"), ("input-adapter", "4N + 16E"), ("lora-bf16", "2N + 16M"),
-    ("prompt-tuning", "4N + 16P"), ("bitfit", "4N + 12B"), ("zero1", "2N + 2N + 12N/M"),
-    ("zero2", "2N + 14N/M"), ("zero3", "16N/M"),
+    ("prompt-tuning", "4N + 16P"), ("bitfit", "4N + 12B"), ("zero1", "2N + 2N + 12N/G"),
+    ("zero2", "2N + 14N/G"), ("zero3", "16N/G"),
 ])
 def test_formula_strings(regime: str, formula: str) -> None:
     assert plan(get_model("gpt2"), TrainSpec(regime=regime, gpus=8)).formula == formula

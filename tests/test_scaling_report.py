@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 def test_the_zero_papers_example():
     """Rajbhandari et al. 2020, Figure 1: 7.5B parameters, 64 GPUs, K = 12."""
     rows = {r["stage"]: r for r in S.paper_check()}
-    assert rows["baseline"]["formula"] == "2N + 2N + 12N/M"  # on one GPU: 16Ψ
+    assert rows["baseline"]["formula"] == "2N + 2N + 12N/G"  # on one GPU: 16Ψ
     for stage, row in rows.items():
         # the paper gives three figures; memplan adds only the rotary buffer (under 1 KiB)
         assert abs(row["memplan_gb"] - row["paper_gb"]) / row["paper_gb"] < 0.015, stage

@@ -223,6 +223,12 @@ class Profile:
         the position ids and the mask (``hf_inputs``)."""
         return [*rope, *hf_inputs] if job.hf else list(rope)
 
+    def layer_key(self, spec: ModelSpec, layer: int) -> Any:
+        """What makes block ``layer`` differ from the others beyond its ``block_args``
+        (None: nothing). The planner walks one block of a run of equal keys and counts the
+        rest; a block that differs in any other way must say so here."""
+        return None
+
     def block(self, tape: Tape, job: Job, x: Sym, rope: list[Sym], layer: int) -> Sym:
         """One block's forward; returns its output (the input stays the caller's)."""
         raise NotImplementedError

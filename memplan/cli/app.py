@@ -21,6 +21,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from memplan import __version__
+
+        typer.echo(f"memplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True,
+        help="Print memplan's version and exit.")) -> None:
+    pass
+
+
 def command(name: str | None = None, **kw: Any) -> Callable:
     """Register a command whose MemplanError becomes one red line on stderr and exit 2."""
     def wrap(fn: Callable) -> Callable:
@@ -52,6 +67,6 @@ def main() -> None:
 
 def load_commands() -> typer.Typer:
     """Import every command module (for tests using CliRunner) and return the app."""
-    from memplan.cli import catalog, estimate, fits, plot, profile, scale, validate  # noqa: F401
+    from memplan.cli import advise, catalog, estimate, fits, plot, profile, scale, validate  # noqa: F401
 
     return app

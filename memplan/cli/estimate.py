@@ -28,10 +28,13 @@ def estimate(
 ) -> None:
     """Plan every training regime: the notes' formula, the peak, its breakdown, the GPUs it fits.
 
-    Without --batch and --seq the plan holds model states only (activations excluded). With
-    --gpus M > 1, zero is FSDP per GPU (gather buffers included) and the mixed recipe and LoRA
-    are shown sharded too; --shard shards every regime that FSDP can.
+    Notation: N is the model's parameters, M the LoRA parameters, G the GPUs (--gpus). Without
+    --batch and --seq the plan holds model states only (activations excluded). With --gpus G > 1,
+    zero is FSDP per GPU (gather buffers included) and the mixed recipe and LoRA are shown
+    sharded too; --shard shards every regime that FSDP can.
     """
+    from rich.markup import escape
+
     from memplan.errors import MemplanError, UnprofiledModel
     from memplan.params import bias_params, count_params, lora_params
     from memplan.planner import plan
@@ -89,8 +92,9 @@ def estimate(
                     "regimes": results, "skipped": skipped})
         return
     out = console()
-    out.print(f"[bold]{job.spec.name}[/bold]: {job.assumed}")
-    out.print(symbols_line({"N": n, "M": m}) + f"  (LoRA rank {rank} on {targets})")
+    out.print(f"[bold]{escape(job.spec.name)}[/bold]: {escape(job.assumed)}")
+    out.print(symbols_line({"N": n, "M": m}) + f"  (LoRA rank {rank} on {targets}; "
+              "N: model parameters, M: LoRA parameters, G: GPUs)", markup=False)
     if job.train.has_activations:
         out.print(f"activations for batch {batch} × seq {seq}, {job.train.attention} attention"
                   + (", checkpointing" if checkpointing else ""))
@@ -98,7 +102,8 @@ def estimate(
         out.print("[yellow]activations excluded[/yellow]: model states only, the notes' "
                   "formulas; add --batch and --seq to plan activations")
     if gpus > 1:
-        out.print(f"over {gpus} GPUs: zero and the '· {shard if shard != 'none' else 'full-shard'}'"
+        out.print(f"over G = {gpus} GPUs: zero and the "
+                  f"'· {shard if shard != 'none' else 'full-shard'}'"
                   " rows are FSDP per GPU (rank 0, the fullest); the others replicate the "
                   "model on every GPU")
     out.print(estimate_table(f"peak memory per GPU ({optimizer}, {optimizer_impl})", rows))

@@ -1,8 +1,13 @@
-"""``memplan fits``: does one regime fit one GPU? Exit 0 yes, 1 no, 2 bad input."""
+"""``memplan fits``: does one regime fit one GPU? Exit 0 yes, 1 no, 2 bad input.
+
+"Fits" is said only of a job whose step was planned (--batch and --seq). With --seq alone the
+answer is the largest batch that fits; without --seq, that the model states fit (or do not).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass, replace
+from typing import Annotated, Any
 
 import typer
 
@@ -30,15 +35,17 @@ def fits(
 ) -> None:
     """Answer yes (exit 0) or no (exit 1): does the job fit on one GPU, with what headroom.
 
-    With --seq, also the largest batch that fits (give --seq alone to search it). With
-    --gpus M and --shard (or regime zero), the GPU is one rank of FSDP over M: rank 0, the
-    fullest.
+    With --batch and --seq the whole step is planned. With --seq alone the answer is the largest
+    batch that fits at that sequence length (exit 0 when at least one sequence fits). Without
+    --seq only the model states are planned, and the answer says so: exit 0 then means "the
+    model states fit", not that the job does. With --gpus G and --shard (or regime zero), the
+    GPU is one rank of FSDP over G: rank 0, the fullest.
     """
     from memplan.errors import MemplanError, UnprofiledModel
     from memplan.planner import fits as check
     from memplan.presets import get_gpu
-    from memplan.report import console, print_json
-    from memplan.units import format_bytes, parse_bytes
+    from memplan.report import print_json
+    from memplan.units import parse_bytes
 
     if (gpu is None) == (memory is None):
         raise MemplanError("give exactly one of --gpu NAME or --memory SIZE (e.g. --gpu "
@@ -62,24 +69,120 @@ def fits(
         from memplan.cli import measured
 
         raise typer.Exit(measured.fits(exc, json_out, capacity, o.parse_reserve(reserve),
-                                       label)) from None
-    result = check(job.spec, job.train, capacity, o.parse_reserve(reserve), job.params)
-    if json_out:
-        print_json(result.to_dict() | {"gpu": label, "assumed": job.assumed})
-    else:
-        out = console()
-        verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
-        from memplan.fsdp import is_sharded, strategy
+                                       label, search_only=search_only)) from None
+    reserve_bytes = o.parse_reserve(reserve)
+    result = check(job.spec, job.train, capacity, reserve_bytes, job.params)
+    answer = _answer(job, result, search_only, capacity, reserve_bytes)
+    options = []
+    if answer.mode == "full" and not answer.ok:  # what to change: advise's search, its best
+        from memplan.advise import advise_options, fits_command
+        from memplan.cli.advise import device_args, source_args
 
-        how = ""
-        if is_sharded(job.train):
-            how = f" (one of {gpus} GPUs: rank 0 of FSDP {strategy(job.train)}" + \
-                (", bf16 policy)" if job.train.param_dtype == "bf16" else ")")
-        out.print(f"{job.spec.name} · {regime}{how} on {label}: {verdict}")
-        out.print(f"required {format_bytes(result.required_bytes)} (plan "
-                  f"{format_bytes(result.breakdown.total_bytes)} + reserve "
-                  f"{format_bytes(result.reserve_bytes)}) of {format_bytes(capacity)}; "
-                  f"headroom {format_bytes(result.headroom_bytes)}")
-        if result.max_batch is not None:
-            out.print(f"largest batch that fits at seq {seq}: {result.max_batch}")
-    raise typer.Exit(0 if result.fits else 1)
+        head = source_args(params, model, config, as_family) + device_args(gpu, memory, reserve)
+        options = [{"command": fits_command(job.spec, x.train, head)} | x.to_dict()
+                   for x in advise_options(job.spec, job.train, capacity, reserve_bytes,
+                                           job.params)[:ADVICE_SHOWN]]
+    if json_out:
+        print_json(answer.result.to_dict() | answer.json | {"gpu": label,
+                                                            "assumed": job.assumed}
+                   | ({"options": options} if answer.mode == "full" and not answer.ok else {}))
+    else:
+        _print(job, answer, regime, gpus, label, capacity)
+        _print_options(options)
+    raise typer.Exit(0 if answer.ok else 1)
+
+
+ADVICE_SHOWN = 3  # `memplan advise` lists them all
+
+
+def _print_options(options: list[dict]) -> None:
+    """The best few changes that fit, each with the command that checks it."""
+    if not options:
+        return
+    from memplan.report import console
+    from memplan.units import format_bytes
+
+    out = console()
+    out.print(f"what to change (the {len(options)} cheapest in compute; `memplan advise` with "
+              "the same options lists every one):", markup=False)
+    for i, x in enumerate(options, 1):
+        what = "; ".join(c["text"] for c in x["changes"])
+        out.print(f"{i}. {what}: peak {format_bytes(x['peak_bytes'])}, headroom "
+                  f"{format_bytes(x['headroom_bytes'])}, compute {x['relative_compute']:.2f}×",
+                  markup=False)
+        out.print(f"   {x['command']}", markup=False, soft_wrap=True)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What ``fits`` answers: the mode, the verdict said on the first line, and its exit."""
+
+    mode: str  # "full", "largest_batch" or "model_states"
+    ok: bool  # exit 0
+    verdict: str
+    result: Any  # the FitResult shown: the job, or the largest batch that fits
+    json: dict
+
+
+def _answer(job, result, search_only: bool, capacity: int, reserve: int) -> _Answer:
+    """The verdict of one fits run. A job is said to fit only when its step was planned."""
+    train = job.train
+    if search_only:
+        best = result.max_batch or 0
+        shown = result
+        if best >= 1:
+            from memplan.planner import FitResult, plan
+
+            breakdown = plan(job.spec, replace(train, batch=best), job.params)
+            required = breakdown.total_bytes + reserve
+            shown = FitResult(True, required, capacity, reserve, capacity - required, best,
+                              breakdown)
+        verdict = (f"fits up to batch {best} at seq {train.seq}" if best else
+                   f"does not fit at seq {train.seq}, not even batch 1")
+        return _Answer("largest_batch", best >= 1, verdict, shown, {
+            "planned": "largest_batch", "verdict": verdict, "fits": best >= 1,
+            "batch": max(best, 1), "seq": train.seq, "activations_included": True})
+    if train.has_activations:
+        verdict = "fits" if result.fits else "does not fit"
+        return _Answer("full", result.fits, verdict, result, {
+            "planned": "full", "verdict": verdict, "batch": train.batch, "seq": train.seq,
+            "activations_included": True})
+    verdict = "model states fit" if result.fits else "model states do not fit"
+    # Unplanned activations: a job whose model states fit may still not fit, so "fits" is
+    # unknown (null); whose model states do not fit, does not.
+    return _Answer("model_states", result.fits, verdict, result, {
+        "planned": "model_states", "verdict": verdict,
+        "fits": None if result.fits else False, "model_states_fit": result.fits,
+        "batch": train.batch, "seq": train.seq, "activations_included": False})
+
+
+def _print(job, answer: _Answer, regime: str, gpus: int, label: str, capacity: int) -> None:
+    """The text answer: the verdict on the first line, in words, then the numbers."""
+    from rich.markup import escape
+
+    from memplan.fsdp import is_sharded, strategy
+    from memplan.report import console
+    from memplan.units import format_bytes
+
+    out = console()
+    result, train = answer.result, job.train
+    how = ""
+    if is_sharded(train):
+        how = f" (one of {gpus} GPUs: rank 0 of FSDP {strategy(train)}" + \
+            (", bf16 policy)" if train.param_dtype == "bf16" else ")")
+    shape = f" · batch {train.batch} × seq {train.seq}" if answer.mode == "full" else ""
+    colour = "green" if answer.ok else "red"
+    verdict = f"[{colour}]{escape(answer.verdict)}[/{colour}]"
+    if answer.mode == "model_states":
+        verdict += " (activations not planned)"
+    out.print(f"{escape(job.spec.name)} · {escape(regime)}{how}{shape} on {escape(label)}: "
+              f"{verdict}")
+    at = f"at batch {result.max_batch}: " if answer.mode == "largest_batch" and answer.ok else \
+        "at batch 1: " if answer.mode == "largest_batch" else ""
+    out.print(f"{at}required {format_bytes(result.required_bytes)} (plan "
+              f"{format_bytes(result.breakdown.total_bytes)} + reserve "
+              f"{format_bytes(result.reserve_bytes)}) of {format_bytes(capacity)}; "
+              f"headroom {format_bytes(result.headroom_bytes)}", markup=False)
+    if answer.mode == "model_states":
+        out.print("give --batch and --seq to plan the whole step, or --seq alone for the "
+                  "largest batch that fits", markup=False)

@@ -79,8 +79,14 @@ def estimate(exc: UnprofiledModel, json_out: bool, regimes: list[str] | None) ->
                   f"(N = {r.params:,}, trainable {r.trainable:,}; {r.seconds:.1f} s)")
 
 
-def fits(exc: UnprofiledModel, json_out: bool, capacity: int, reserve: int, label: str) -> int:
-    """``memplan fits`` of an unprofiled model; returns the exit code."""
+def fits(exc: UnprofiledModel, json_out: bool, capacity: int, reserve: int, label: str,
+         search_only: bool = False) -> int:
+    """``memplan fits`` of an unprofiled model; returns the exit code.
+
+    As for a planned model, "fits" is said only of a measured step with activations: without
+    --seq the measurement holds the model states only; with --seq alone, batch 1 is measured
+    (no search for the largest batch).
+    """
     from memplan.report import console, print_json
     from memplan.units import format_bytes
 
@@ -88,18 +94,27 @@ def fits(exc: UnprofiledModel, json_out: bool, capacity: int, reserve: int, labe
     required = run.peak_bytes + reserve
     ok = required <= capacity
     note = _note(exc)
+    full = exc.train.has_activations
+    verdict = ("fits" if ok else "does not fit") if full else \
+        ("model states fit" if ok else "model states do not fit")
+    if full and search_only:
+        verdict = f"{verdict} at batch 1 (the largest batch is not searched for a measured model)"
     if json_out:
-        print_json({"fits": ok, "required_bytes": required, "capacity_bytes": capacity,
+        print_json({"fits": ok if full or not ok else None, "verdict": verdict,
+                    "planned": "full" if full else "model_states",
+                    "required_bytes": required, "capacity_bytes": capacity,
                     "headroom_bytes": capacity - required, "max_batch": None,
                     "measured": True, "note": note, "gpu": label,
-                    "activations_included": exc.train.has_activations,
-                    "dry_run": run.to_dict()})
+                    "activations_included": full, "dry_run": run.to_dict()})
     else:
         out = console()
         out.print(note, style="yellow", markup=False)
-        out.print(f"{run.regime} on {label}: {'fits' if ok else 'does not fit'} (measured "
+        out.print(f"{run.regime} on {label}: {verdict} (measured "
                   f"{format_bytes(run.peak_bytes)} + reserve {format_bytes(reserve)} of "
                   f"{format_bytes(capacity)}; {run.seconds:.1f} s)", markup=False)
+        if not full:
+            out.print("activations are not measured: give --batch and --seq to check the "
+                      "whole step", markup=False)
     return 0 if ok else 1
 
 

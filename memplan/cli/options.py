@@ -29,7 +29,7 @@ TrainEmb = Annotated[bool, typer.Option(
     "--train-embeddings", help="With LoRA, also train the full input and output embeddings.")]
 Batch = Annotated[int | None, typer.Option("--batch", "-b", help="Micro-batch per GPU.")]
 Seq = Annotated[int | None, typer.Option("--seq", "-s", help="Sequence length in tokens.")]
-Gpus = Annotated[int, typer.Option("--gpus", help="M, the GPUs that ZeRO/FSDP shard over.")]
+Gpus = Annotated[int, typer.Option("--gpus", help="G, the GPUs that ZeRO/FSDP shard over.")]
 Shard = Annotated[str, typer.Option(
     "--shard", help="FSDP over --gpus for this regime: none, full-shard (FULL_SHARD, "
     "ZeRO-3-like) or shard-grad-op (SHARD_GRAD_OP: blocks stay gathered from forward to "
@@ -79,13 +79,18 @@ def resolve_model(params: str | None, model: str | None, config: Path | None,
         what = "none" if not given else " and ".join(given)
         raise MemplanError(f"give exactly one of --params, --model or --config (got {what}); "
                            "e.g. --params 7e9 or --model llama-2-7b")
-    if as_family is not None and config is None:
+    if as_family is not None and config is None and model is None:
         raise MemplanError("--as approximates a --config of another model_type; give --config")
     if model is not None:
-        from memplan.presets import get_model
+        from memplan.presets import find_model
 
-        spec = get_model(model)
-        return spec, None, f"preset {spec.name}"
+        spec, where = find_model(model, as_family=as_family)
+        warning = spec.approximation or None
+        if warning:
+            from memplan.report import warning_line
+
+            warning_line(warning)
+        return spec, None, where + (f" ({warning})" if warning else "")
     if config is not None:
         from memplan.config import load_config
 
@@ -143,6 +148,13 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
     if seq is not None and spec.learned_positions and seq > spec.max_positions:
         raise MemplanError(f"--seq {seq} exceeds the {spec.max_positions} learned positions of "
                            f"{spec.name}; use --seq {spec.max_positions} or less")
+    if seq is not None and n is None and seq > spec.max_positions:  # rotary: planned, said
+        from memplan.report import warning_line
+
+        beyond = (f"--seq {seq} is beyond the {spec.max_positions:,} positions of {spec.name} "
+                  "(max_position_embeddings)")
+        warning_line(f"{beyond}; planned anyway, but the model was not trained that long")
+        assumed = f"{assumed}; {beyond}"
     return Job(spec, train, n, assumed)
 
 

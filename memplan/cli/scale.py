@@ -1,4 +1,4 @@
-"""``memplan scale``: the fewest GPUs that fit each regime, and the per-GPU plan for each M."""
+"""``memplan scale``: the fewest GPUs that fit each regime, and the per-GPU plan for each G."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ def scale(
     Per GPU is rank 0's plan (the fullest): padded FSDP shards and the gathered units;
     with --batch and --seq, also the activations of each GPU's micro-batch.
     """
+    from rich.markup import escape
+
     from memplan.errors import MemplanError, unknown
     from memplan.presets import get_gpu
     from memplan.report import console, print_json, scale_table
@@ -77,7 +79,8 @@ def scale(
                     "regimes": {r.regime: r.to_dict(capacity, reserve_bytes) for r in results}})
         return
     out = console()
-    out.print(f"[bold]{job.spec.name}[/bold] on {label} ({format_bytes(capacity)} each, "
+    out.print(f"[bold]{escape(job.spec.name)}[/bold] on {escape(label)} "
+              f"({format_bytes(capacity)} each, "
               f"{format_bytes(reserve_bytes)} reserve): FSDP {shard}, {per_node} GPUs per node")
     if not job.train.has_activations:
         out.print("[yellow]activations excluded[/yellow]: add --batch and --seq (per GPU)")

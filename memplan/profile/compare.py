@@ -44,7 +44,7 @@ class ProfileResult:
         return (self.predicted.total_bytes - self.measured.peak_bytes) / self.measured.peak_bytes
 
     def to_dict(self) -> dict:
-        """The JSON contract of DESIGN.md."""
+        """The JSON contract of `memplan profile --json` (the README's JSON contract)."""
         return {
             "device": self.measured.device,
             "model": self.spec.name,

@@ -126,13 +126,20 @@ def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict,
     only once all are written: a disk that fails (full, read-only) leaves the previous report
     as it was and raises :class:`MemplanError`.
     """
-    stem = out_dir / (name or report_name(device))
-    doc = {"device": device, "name": stem.name, "status": meta.get("status", "complete"),
-           "summary": summarise(rows), "meta": meta, "rows": rows}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _write_error(out_dir, exc) from None
+    return write_staged(report_files(rows, device, out_dir, meta, name))
+
+
+def report_files(rows: list[dict], device: str, out_dir: Path, meta: dict,
+                 name: str | None = None) -> list[tuple[Path, Callable[[Path], None]]]:
+    """The files of :func:`write_report`, each with the function that writes it, for
+    :func:`write_staged` (so that a caller can stage them together with its own)."""
+    stem = out_dir / (name or report_name(device))
+    doc = {"device": device, "name": stem.name, "status": meta.get("status", "complete"),
+           "summary": summarise(rows), "meta": meta, "rows": rows}
     files = [(stem.with_suffix(".json"), _text(json.dumps(doc, indent=1) + "\n")),
              (stem.with_suffix(".md"), _text(markdown(doc)))]
     try:
@@ -143,7 +150,7 @@ def write_report(rows: list[dict], device: str, out_dir: Path, meta: dict,
         title = meta.get("command", f"memplan validate --device {device}")
         files.append((stem.with_suffix(".png"),
                       lambda tmp: save_figure(validation_figure(rows, title=title), tmp)))
-    return write_staged(files)
+    return files
 
 
 def _text(text: str) -> Callable[[Path], None]:
@@ -320,4 +327,4 @@ def _main() -> None:  # pragma: no cover - a debugging aid: python -m memplan.pr
 if __name__ == "__main__":  # pragma: no cover
     _main()
 
-__all__ = ["validate", "run_row", "summarise", "write_report", "markdown"]
+__all__ = ["validate", "run_row", "summarise", "write_report", "report_files", "markdown"]

@@ -4,7 +4,6 @@ checkpointing, tying, spec round trips and fake/meta builds."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 
@@ -233,7 +232,6 @@ def test_spec_from_module_reads_hugging_face_config():
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "llama-2-7b"])
 def test_build_and_step_under_fake_tensor_mode(name):
-    start = time.perf_counter()
     with FakeTensorMode():
         model = build_model(name, dtype=torch.bfloat16)
         assert isinstance(model, CausalLM)
@@ -243,7 +241,6 @@ def test_build_and_step_under_fake_tensor_mode(name):
         loss.backward()
         assert loss.shape == ()
         assert model.lm_head.weight.grad is not None
-    assert time.perf_counter() - start < 60
 
 
 def test_bad_attention_raises():

@@ -71,9 +71,7 @@ def test_fake_process_group_matches_the_gloo_ranks(gloo_full):
 
 def test_fake_dry_run_at_eight_ranks():
     spec = get_model("llama-tiny")
-    start = time.perf_counter()
     m = measure_fake_sharded(spec, TrainSpec(regime="lora", batch=2, seq=64), nproc=8)
-    assert time.perf_counter() - start < 60
     assert m.device == "fake" and m.extra["nproc"] == 8 and m.peak_bytes > 0
     assert sum(m.extra["terms"].values()) == m.peak_bytes
     assert m.extra["terms"]["unsharded_params"] >= m.extra["unit_bytes"]["<root>"]
