@@ -8,4 +8,4 @@ from memplan.spec import LoraSpec, ModelSpec, TrainSpec
 
 __all__ = ["Breakdown", "FitResult", "LoraSpec", "ModelSpec", "TrainSpec", "fits", "max_batch",
            "plan"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

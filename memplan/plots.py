@@ -1,7 +1,10 @@
 """Plots, built as matplotlib Figures (Agg canvas, matplotlib imported only when plotting).
 
-Each function returns a :class:`matplotlib.figure.Figure` made without pyplot (no global
-state, nothing to close, no backend switched); the CLI only saves it with :func:`save_figure`.
+Each ``*_figure`` function returns a :class:`matplotlib.figure.Figure` made without pyplot
+(no global state, nothing to close, no backend switched); the CLI only saves it with
+:func:`save_figure`. Each is two steps: ``*_data`` plans the numbers (a frozen dataclass of
+integer bytes and labels, no matplotlib) and ``draw_*`` draws only those, so a test can
+recompute a figure's numbers without drawing it (the gallery's ``gallery.json``).
 Every number drawn comes from the planner (:func:`memplan.planner.plan`); sizes are shown in
 GiB (2**30 bytes), parameter counts in millions or with a short suffix.
 
@@ -18,8 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +69,7 @@ def _job_text(train: TrainSpec) -> str:
 def _regime_label(regime: str, formula: str, train: TrainSpec) -> str:
     """The legend entry: the regime, the notes' formula, and what its symbols were."""
     if regime == "zero":
-        return f"zero: {formula}, M = {train.gpus} GPUs"
+        return f"zero: {formula}, G = {train.gpus} GPUs"
     if regime in LORA_REGIMES:
         return f"{regime}: {formula}, rank {train.lora.rank} on {_targets(train.lora)}"
     return f"{regime}: {formula}"
@@ -95,6 +98,181 @@ def _log_axis(axis: Any, subs: tuple[float, ...] = (1.0,)) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+# ---- the data each figure draws: plain integers of bytes and the labels, no matplotlib ----
+
+
+@dataclass(frozen=True)
+class Line:
+    """One plotted line: its legend label and its points (bytes or counts, never GiB)."""
+
+    label: str
+    xs: tuple[int, ...]
+    ys: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A GPU drawn as a horizontal line at its capacity; ``same`` are the cards of equal size."""
+
+    name: str
+    capacity_bytes: int
+    same: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RegimesData:
+    """What :func:`regimes_figure` draws: a line of peak bytes per regime over ``ns``."""
+
+    title: str
+    ns: tuple[int, ...]
+    lines: tuple[Line, ...]
+    gpus: tuple[Capacity, ...]
+    mark: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar of :func:`breakdown_figure`: a regime's plan at its peak, by component."""
+
+    regime: str
+    formula: str
+    total_bytes: int
+    components: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BreakdownData:
+    """What :func:`breakdown_figure` draws."""
+
+    title: str
+    bars: tuple[Bar, ...]
+    gpu: Capacity | None = None
+
+
+@dataclass(frozen=True)
+class RankData:
+    """What :func:`rank_figure` draws: M (parameters) and peak bytes against the rank."""
+
+    title: str
+    memory_title: str
+    ranks: tuple[int, ...]
+    params: tuple[Line, ...]
+    memory: tuple[Line, ...]
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """A regime's line of :func:`batch_figure` and its largest fitting value (0: none)."""
+
+    line: Line
+    best: int
+    best_bytes: int
+
+
+@dataclass(frozen=True)
+class BatchData:
+    """What :func:`batch_figure` draws; ``usable_bytes`` is the capacity less the reserve."""
+
+    axis: str
+    title: str
+    lines: tuple[BatchLine, ...]
+    gpu: Capacity
+    reserve_bytes: int
+    usable_bytes: int
+
+
+@dataclass(frozen=True)
+class Point:
+    """A finished row of a validation report: the planned and the measured peak."""
+
+    model: str
+    regime: str
+    options: str
+    predicted_bytes: int
+    measured_bytes: int
+
+
+@dataclass(frozen=True)
+class ValidationData:
+    """What :func:`validation_figure` draws."""
+
+    title: str
+    points: tuple[Point, ...]
+
+
+FigureData = RegimesData | BreakdownData | RankData | BatchData | ValidationData
+
+
+def as_json(data: FigureData) -> dict[str, Any]:
+    """The data of a figure as JSON types (lists, not tuples), as ``gallery.json`` holds it."""
+    return json.loads(json.dumps(asdict(data)))
+
+
+def regimes_data(train: TrainSpec | None = None, regimes: Sequence[str] = PLOT_REGIMES,
+                 n_min: float = 1e8, n_max: float = 2e11, points: int = 21,
+                 gpu_names: Sequence[str] = COMMON_GPUS,
+                 mark: tuple[str, int] | None = None) -> RegimesData:
+    """The data of :func:`regimes_figure` (the same arguments), planned but not drawn."""
+    from memplan.shapes import shape_for_params
+
+    train = train or TrainSpec()
+    if not 1 <= n_min < n_max or points < 2:
+        raise MemplanError(f"need 1 <= n_min < n_max and points >= 2, got {n_min}, {n_max}, "
+                           f"{points}")
+    ratio = (n_max / n_min) ** (1 / (points - 1))
+    ns = tuple(int(round(n_min * ratio**i)) for i in range(points))
+    shapes = {n: shape_for_params(n)[0] for n in ns}
+    reference = min(ns, key=lambda n: abs(math.log(n / 7e9)))
+    lines = []
+    for regime in regimes:
+        job = replace(train, regime=regime)
+        plans = [plan(shapes[n], job, params=n) for n in ns]
+        formula = next(b.formula for n, b in zip(ns, plans, strict=True) if n == reference)
+        if len({b.formula for b in plans}) > 1:
+            formula = "≈" + formula
+        lines.append(Line(_regime_label(regime, formula, job), ns,
+                          tuple(b.total_bytes for b in plans)))
+    catalogue = gpus()
+    caps = tuple(
+        Capacity(gpu.name, gpu.capacity_bytes,
+                 tuple(g.name for g in catalogue.values()
+                       if g.capacity_bytes == gpu.capacity_bytes and g.name != gpu.name))
+        for gpu in {get_gpu(name).name: get_gpu(name) for name in gpu_names}.values())
+    title = f"The memory wall: peak memory against N ({_job_text(train)})"
+    return RegimesData(title, ns, tuple(lines), caps, None if mark is None else tuple(mark))
+
+
+def draw_regimes(data: RegimesData) -> Any:
+    """Draw :class:`RegimesData` (see :func:`regimes_figure`)."""
+    ns = data.ns
+    fig, ax = _figure(width=9.0, height=6.0)
+    top, bottom = 0.0, math.inf
+    for line in data.lines:
+        ys = [gib(b) for b in line.ys]
+        ax.plot(line.xs, ys, lw=1.8, label=line.label)
+        top, bottom = max(top, *ys), min(bottom, *ys)
+    for gpu in data.gpus:
+        cap = gib(gpu.capacity_bytes)
+        ax.axhline(cap, color="0.45", lw=0.9, ls="--", zorder=1)
+        ax.text(0.01, cap, f" {gpu.name}" + (f" (= {', '.join(gpu.same)})" if gpu.same else "")
+                + f": {cap:.1f} GiB", transform=ax.get_yaxis_transform(), fontsize=7.5,
+                color="0.3", va="bottom", ha="left")
+        top, bottom = max(top, cap), min(bottom, cap)
+    if data.mark is not None:
+        ax.axvline(data.mark[1], color="0.2", lw=1, ls=":")
+        ax.text(data.mark[1], 0.02, f" {data.mark[0]}", transform=ax.get_xaxis_transform(),
+                fontsize=8, rotation=90, va="bottom")
+    ax.set(xscale="log", yscale="log", xlim=(ns[0], ns[-1]), ylim=(bottom / 1.6, top * 1.6),
+           xlabel="parameters N (Llama-2-style shapes)", ylabel="peak memory per GPU (GiB)",
+           title=data.title)
+    _count_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
+    ax.grid(True, which="major", color="0.92")
+    ax.legend(fontsize=8, loc="lower right", title="regime: formula of the model states",
+              title_fontsize=8)
+    return fig
+
+
 def regimes_figure(train: TrainSpec | None = None, regimes: Sequence[str] = PLOT_REGIMES,
                    n_min: float = 1e8, n_max: float = 2e11, points: int = 21,
                    gpu_names: Sequence[str] = COMMON_GPUS,
@@ -107,49 +285,44 @@ def regimes_figure(train: TrainSpec | None = None, regimes: Sequence[str] = PLOT
     7e9 in the range; "≈" where it drifts with the shape, as QLoRA's does). ``gpu_names``
     become labelled horizontal lines at their capacities; ``mark`` = (name, N) draws a model.
     """
-    from memplan.shapes import shape_for_params
+    return draw_regimes(regimes_data(train, regimes, n_min, n_max, points, gpu_names, mark))
 
-    train = train or TrainSpec()
-    if not 1 <= n_min < n_max or points < 2:
-        raise MemplanError(f"need 1 <= n_min < n_max and points >= 2, got {n_min}, {n_max}, "
-                           f"{points}")
-    ratio = (n_max / n_min) ** (1 / (points - 1))
-    ns = [int(round(n_min * ratio**i)) for i in range(points)]
-    shapes = {n: shape_for_params(n)[0] for n in ns}
-    reference = min(ns, key=lambda n: abs(math.log(n / 7e9)))
-    fig, ax = _figure(width=9.0, height=6.0)
-    top, bottom = 0.0, math.inf
-    for regime in regimes:
-        job = replace(train, regime=regime)
-        plans = [plan(shapes[n], job, params=n) for n in ns]
-        ys = [gib(b.total_bytes) for b in plans]
-        formula = next(b.formula for n, b in zip(ns, plans, strict=True) if n == reference)
-        if len({b.formula for b in plans}) > 1:
-            formula = "≈" + formula
-        ax.plot(ns, ys, lw=1.8, label=_regime_label(regime, formula, job))
-        top, bottom = max(top, *ys), min(bottom, *ys)
-    catalogue = gpus()
-    for gpu in {get_gpu(name).name: get_gpu(name) for name in gpu_names}.values():
-        same = [g.name for g in catalogue.values()
-                if g.capacity_bytes == gpu.capacity_bytes and g.name != gpu.name]
-        cap = gib(gpu.capacity_bytes)
-        ax.axhline(cap, color="0.45", lw=0.9, ls="--", zorder=1)
-        ax.text(0.01, cap, f" {gpu.name}" + (f" (= {', '.join(same)})" if same else "")
-                + f": {cap:.1f} GiB", transform=ax.get_yaxis_transform(), fontsize=7.5,
-                color="0.3", va="bottom", ha="left")
-        top, bottom = max(top, cap), min(bottom, cap)
-    if mark is not None:
-        ax.axvline(mark[1], color="0.2", lw=1, ls=":")
-        ax.text(mark[1], 0.02, f" {mark[0]}", transform=ax.get_xaxis_transform(), fontsize=8,
-                rotation=90, va="bottom")
-    ax.set(xscale="log", yscale="log", xlim=(ns[0], ns[-1]), ylim=(bottom / 1.6, top * 1.6),
-           xlabel="parameters N (Llama-2-style shapes)", ylabel="peak memory per GPU (GiB)",
-           title=f"The memory wall: peak memory against N ({_job_text(train)})")
-    _count_axis(ax.xaxis)
-    _log_axis(ax.yaxis)
-    ax.grid(True, which="major", color="0.92")
-    ax.legend(fontsize=8, loc="lower right", title="regime: formula of the model states",
-              title_fontsize=8)
+
+def breakdown_data(spec: ModelSpec, train: TrainSpec, regimes: Sequence[str] = PLOT_REGIMES,
+                   params: int | None = None,
+                   gpu: str | GpuSpec | None = None) -> BreakdownData:
+    """The data of :func:`breakdown_figure` (the same arguments), planned but not drawn."""
+    plans = [plan(spec, replace(train, regime=r), params) for r in regimes]
+    bars = tuple(Bar(b.regime, b.formula, b.total_bytes, dict(b.components)) for b in plans)
+    device = None if gpu is None else _gpu(gpu)
+    return BreakdownData(f"{spec.name}: the peak by component ({_job_text(train)})", bars,
+                         None if device is None else Capacity(device.name,
+                                                              device.capacity_bytes))
+
+
+def draw_breakdown(data: BreakdownData) -> Any:
+    """Draw :class:`BreakdownData` (see :func:`breakdown_figure`)."""
+    bars = data.bars
+    fig, ax = _figure(width=max(6.0, 1.1 * len(bars) + 2.5), height=5.6)
+    xs = list(range(len(bars)))
+    bottoms = [0.0] * len(bars)
+    for name in COMPONENTS:
+        heights = [gib(b.components.get(name, 0)) for b in bars]
+        if not any(heights):
+            continue
+        ax.bar(xs, heights, bottom=bottoms, width=0.65, color=COLORS[name],
+               label=name.replace("_", " "))
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    for x, b in zip(xs, bars, strict=True):
+        ax.annotate(f"{gib(b.total_bytes):.1f}", (x, gib(b.total_bytes)), ha="center",
+                    va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    if data.gpu is not None:
+        ax.axhline(gib(data.gpu.capacity_bytes), color="0.3", ls="--", lw=1,
+                   label=f"{data.gpu.name} capacity")
+    ax.set_xticks(xs, [f"{b.regime}\n{b.formula}" for b in bars], fontsize=8)
+    ax.set(ylabel="peak memory per GPU (GiB)", title=data.title)
+    ax.margins(y=0.12)
+    ax.legend(fontsize=8)
     return fig
 
 
@@ -161,41 +334,13 @@ def breakdown_figure(spec: ModelSpec, train: TrainSpec, regimes: Sequence[str] =
     peak; a container per component is labelled with the component's name. ``gpu`` adds its
     capacity as a horizontal line.
     """
-    plans = [plan(spec, replace(train, regime=r), params) for r in regimes]
-    fig, ax = _figure(width=max(6.0, 1.1 * len(plans) + 2.5), height=5.6)
-    xs = list(range(len(plans)))
-    bottoms = [0.0] * len(plans)
-    for name in COMPONENTS:
-        heights = [gib(b.components.get(name, 0)) for b in plans]
-        if not any(heights):
-            continue
-        ax.bar(xs, heights, bottom=bottoms, width=0.65, color=COLORS[name],
-               label=name.replace("_", " "))
-        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    for x, b in zip(xs, plans, strict=True):
-        ax.annotate(f"{gib(b.total_bytes):.1f}", (x, gib(b.total_bytes)), ha="center",
-                    va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-    if gpu is not None:
-        device = _gpu(gpu)
-        ax.axhline(gib(device.capacity_bytes), color="0.3", ls="--", lw=1,
-                   label=f"{device.name} capacity")
-    ax.set_xticks(xs, [f"{b.regime}\n{b.formula}" for b in plans], fontsize=8)
-    ax.set(ylabel="peak memory per GPU (GiB)",
-           title=f"{spec.name}: the peak by component ({_job_text(train)})")
-    ax.margins(y=0.12)
-    ax.legend(fontsize=8)
-    return fig
+    return draw_breakdown(breakdown_data(spec, train, regimes, params, gpu))
 
 
-def rank_figure(spec: ModelSpec, train: TrainSpec, ranks: Sequence[int] = DEFAULT_RANKS,
-                target_sets: Sequence[str] | None = None, regime: str = "lora",
-                params: int | None = None) -> Any:
-    """LoRA parameters M (millions, left) and peak memory (GiB, right) against the rank.
-
-    One line per target set: ``all``, ``mlp``, ``attention``, ``q_proj,v_proj`` and the job's
-    own targets, each where the model has such layers; ranks larger than a targeted layer
-    are left out. ``regime`` is lora, lora-bf16 or qlora.
-    """
+def rank_data(spec: ModelSpec, train: TrainSpec, ranks: Sequence[int] = DEFAULT_RANKS,
+              target_sets: Sequence[str] | None = None, regime: str = "lora",
+              params: int | None = None) -> RankData:
+    """The data of :func:`rank_figure` (the same arguments), planned but not drawn."""
     from memplan.params import lora_params, resolve_targets
 
     if regime not in LORA_REGIMES:
@@ -206,8 +351,7 @@ def rank_figure(spec: ModelSpec, train: TrainSpec, ranks: Sequence[int] = DEFAUL
     if target_sets is None and own not in sets:
         resolve_targets(spec, own)  # the job's own targets must exist: say so if not
         sets.append(own)
-    fig, (left, right) = _figure(ncols=2, width=11.0, height=5.0)
-    drawn = 0
+    counts, memory = [], []
     for targets in sets:
         try:
             resolve_targets(spec, targets)
@@ -221,26 +365,47 @@ def rank_figure(spec: ModelSpec, train: TrainSpec, ranks: Sequence[int] = DEFAUL
             except MemplanError:
                 continue  # the rank exceeds a targeted layer
             xs.append(rank)
-            ms.append(m / 1e6)
+            ms.append(m)
             job = replace(train, regime=regime, lora=lora)
-            mem.append(gib(plan(spec, job, params).total_bytes))
+            mem.append(plan(spec, job, params).total_bytes)
         if xs:
-            left.plot(xs, ms, marker="o", ms=3, label=targets)
-            right.plot(xs, mem, marker="o", ms=3, label=targets)
-            drawn += 1
-    if not drawn:
+            counts.append(Line(targets, tuple(xs), tuple(ms)))
+            memory.append(Line(targets, tuple(xs), tuple(mem)))
+    if not counts:
         raise MemplanError(f"no target set of {', '.join(sets)} has LoRA layers in {spec.name} "
                            f"at ranks {', '.join(map(str, ranks))}")
+    return RankData(f"{spec.name}: choosing a LoRA rank", f"{regime} ({_job_text(train)})",
+                    tuple(ranks), tuple(counts), tuple(memory))
+
+
+def draw_rank(data: RankData) -> Any:
+    """Draw :class:`RankData` (see :func:`rank_figure`)."""
+    fig, (left, right) = _figure(ncols=2, width=11.0, height=5.0)
+    for count, mem in zip(data.params, data.memory, strict=True):
+        left.plot(count.xs, [m / 1e6 for m in count.ys], marker="o", ms=3, label=count.label)
+        right.plot(mem.xs, [gib(b) for b in mem.ys], marker="o", ms=3, label=mem.label)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(list(ranks), [str(r) for r in ranks])
+        ax.set_xticks(list(data.ranks), [str(r) for r in data.ranks])
         ax.set_xlabel("LoRA rank R")
         ax.grid(True, color="0.92")
         ax.legend(fontsize=8, title="targets", title_fontsize=8)
     left.set(ylabel="trainable parameters M (millions)", title="M = R·(in + out) per matrix")
-    right.set(ylabel="peak memory per GPU (GiB)", title=f"{regime} ({_job_text(train)})")
-    fig.suptitle(f"{spec.name}: choosing a LoRA rank")
+    right.set(ylabel="peak memory per GPU (GiB)", title=data.memory_title)
+    fig.suptitle(data.title)
     return fig
+
+
+def rank_figure(spec: ModelSpec, train: TrainSpec, ranks: Sequence[int] = DEFAULT_RANKS,
+                target_sets: Sequence[str] | None = None, regime: str = "lora",
+                params: int | None = None) -> Any:
+    """LoRA parameters M (millions, left) and peak memory (GiB, right) against the rank.
+
+    One line per target set: ``all``, ``mlp``, ``attention``, ``q_proj,v_proj`` and the job's
+    own targets, each where the model has such layers; ranks larger than a targeted layer
+    are left out. ``regime`` is lora, lora-bf16 or qlora.
+    """
+    return draw_rank(rank_data(spec, train, ranks, target_sets, regime, params))
 
 
 def _largest_seq(spec: ModelSpec, job: TrainSpec, usable: int, params: int | None) -> int:
@@ -260,15 +425,11 @@ def _largest_seq(spec: ModelSpec, job: TrainSpec, usable: int, params: int | Non
     return low
 
 
-def batch_figure(spec: ModelSpec, train: TrainSpec, gpu: str | GpuSpec, axis: str = "batch",
-                 regimes: Sequence[str] = ("lora",), values: Sequence[int] | None = None,
-                 reserve_bytes: int = DEFAULT_RESERVE_BYTES, params: int | None = None) -> Any:
-    """Peak memory against the batch size (``axis="batch"``) or sequence length (``"seq"``).
-
-    The other side is fixed at the job's (seq 512, batch 1 when the job gives none). The GPU's
-    capacity less the runtime reserve is drawn as a line, and for each regime the largest
-    batch (:func:`memplan.planner.max_batch`) or sequence that fits is marked.
-    """
+def batch_data(spec: ModelSpec, train: TrainSpec, gpu: str | GpuSpec, axis: str = "batch",
+               regimes: Sequence[str] = ("lora",), values: Sequence[int] | None = None,
+               reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+               params: int | None = None) -> BatchData:
+    """The data of :func:`batch_figure` (the same arguments), planned but not drawn."""
     if axis not in ("batch", "seq"):
         raise MemplanError(f"axis must be batch or seq, got {axis!r}")
     device = _gpu(gpu)
@@ -285,37 +446,64 @@ def batch_figure(spec: ModelSpec, train: TrainSpec, gpu: str | GpuSpec, axis: st
     xs = sorted(set(values)) if values else _axis_values(spec, axis, max(best.values()))
     if values and min(xs) < 1:
         raise MemplanError(f"{axis} values must be positive, got {min(xs)}")
-    fig, ax = _figure(width=8.5, height=5.4)
     what = "batch" if axis == "batch" else "sequence"
+    lines = []
     for regime in regimes:
         run = replace(job, regime=regime)
-        ys = [gib(plan(spec, replace(run, **{axis: x}), params).total_bytes) for x in xs]
+        ys = tuple(plan(spec, replace(run, **{axis: x}), params).total_bytes for x in xs)
         b = best[regime]
         label = f"{regime}: largest {what} that fits {b}" if b else \
             f"{regime}: not even {axis} 1 fits"
         if axis == "seq" and spec.learned_positions and b == spec.max_positions:
             label += f" (all {b} learned positions)"
-        (line,) = ax.plot(xs, ys, marker="o", ms=2.5, label=label)
+        at_best = plan(spec, replace(run, **{axis: b}), params).total_bytes if b else 0
+        lines.append(BatchLine(Line(label, tuple(xs), ys), b, at_best))
+    fixed = (f"seq {job.seq}" if axis == "batch" else f"batch {job.batch}") \
+        + (", checkpointing" if job.checkpointing else "")
+    return BatchData(axis, f"{spec.name} on {device.name}: memory against {what} ({fixed})",
+                     tuple(lines), Capacity(device.name, device.capacity_bytes), reserve_bytes,
+                     usable)
+
+
+def draw_batch(data: BatchData) -> Any:
+    """Draw :class:`BatchData` (see :func:`batch_figure`)."""
+    axis = data.axis
+    fig, ax = _figure(width=8.5, height=5.4)
+    for regime in data.lines:
+        ys = [gib(y) for y in regime.line.ys]
+        (line,) = ax.plot(list(regime.line.xs), ys, marker="o", ms=2.5, label=regime.line.label)
+        b = regime.best
         if b:
-            y = gib(plan(spec, replace(run, **{axis: b}), params).total_bytes)
+            y = gib(regime.best_bytes)
             ax.plot([b], [y], marker="*", ms=13, color=line.get_color(), mec="k", mew=0.6,
                     ls="none")
             ax.annotate(f"{axis} {b}", (b, y), xytext=(4, -12), textcoords="offset points",
                         fontsize=8)
-    ax.axhline(gib(usable), color="0.2", ls="--", lw=1,
-               label=f"{device.name}: {gib(device.capacity_bytes):.2f} GiB − "
-                     f"{gib(reserve_bytes):.2f} GiB reserve")
-    fixed = (f"seq {job.seq}" if axis == "batch" else f"batch {job.batch}") \
-        + (", checkpointing" if job.checkpointing else "")
+    ax.axhline(gib(data.usable_bytes), color="0.2", ls="--", lw=1,
+               label=f"{data.gpu.name}: {gib(data.gpu.capacity_bytes):.2f} GiB − "
+                     f"{gib(data.reserve_bytes):.2f} GiB reserve")
     if axis == "seq":
+        xs = list(data.lines[0].line.xs) if data.lines else []
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs], fontsize=8)
     ax.set(xlabel="micro-batch per GPU" if axis == "batch" else "sequence length (tokens)",
-           ylabel="peak memory per GPU (GiB)",
-           title=f"{spec.name} on {device.name}: memory against {what} ({fixed})")
+           ylabel="peak memory per GPU (GiB)", title=data.title)
     ax.grid(True, color="0.92")
     ax.legend(fontsize=8)
     return fig
+
+
+def batch_figure(spec: ModelSpec, train: TrainSpec, gpu: str | GpuSpec, axis: str = "batch",
+                 regimes: Sequence[str] = ("lora",), values: Sequence[int] | None = None,
+                 reserve_bytes: int = DEFAULT_RESERVE_BYTES, params: int | None = None) -> Any:
+    """Peak memory against the batch size (``axis="batch"``) or sequence length (``"seq"``).
+
+    The other side is fixed at the job's (seq 512, batch 1 when the job gives none). The GPU's
+    capacity less the runtime reserve is drawn as a line, and for each regime the largest
+    batch (:func:`memplan.planner.max_batch`) or sequence that fits is marked.
+    """
+    return draw_batch(batch_data(spec, train, gpu, axis, regimes, values, reserve_bytes,
+                                 params))
 
 
 def _axis_values(spec: ModelSpec, axis: str, best: int) -> list[int]:
@@ -351,34 +539,56 @@ def load_rows(source: list[dict] | str | Path) -> tuple[list[dict], str]:
     return rows, title
 
 
-def validation_figure(rows: list[dict] | str | Path, title: str | None = None) -> Any:
-    """Predicted against measured peak per row, log-log, with y = x and a ±3% band.
-
-    ``rows`` are the records of a validation report, or the path of its JSON file.
-    """
+def validation_data(rows: list[dict] | str | Path, title: str | None = None) -> ValidationData:
+    """The data of :func:`validation_figure`: the finished rows and the title."""
     rows, default_title = load_rows(rows)
-    fig, ax = _figure(width=6.4, height=5.6)
     done = [r for r in rows if r.get("relative_error") is not None]
     if not done:
         raise MemplanError("no finished rows to plot")
-    measured = [gib(r["measured_bytes"]) for r in done]
-    predicted = [gib(r["predicted_bytes"]) for r in done]
+    return ValidationData(title or default_title, tuple(
+        Point(str(r.get("model", "")), r["regime"], str(r.get("options", "")),
+              r["predicted_bytes"], r["measured_bytes"]) for r in done))
+
+
+def draw_validation(data: ValidationData) -> Any:
+    """Draw :class:`ValidationData` (see :func:`validation_figure`)."""
+    fig, ax = _figure(width=6.4, height=5.6)
+    done = data.points
+    measured = [gib(r.measured_bytes) for r in done]
+    predicted = [gib(r.predicted_bytes) for r in done]
     lo, hi = min(measured + predicted) * 0.8, max(measured + predicted) * 1.25
     xs = [lo, hi]
     ax.fill_between(xs, [x * 0.97 for x in xs], [x * 1.03 for x in xs], color="0.85",
                     label="±3%")
     ax.plot(xs, xs, color="0.3", lw=1, label="y = x")
-    for regime in sorted({r["regime"] for r in done}):
+    for regime in sorted({r.regime for r in done}):
         pts = [(m, p) for m, p, r in zip(measured, predicted, done, strict=True)
-               if r["regime"] == regime]
+               if r.regime == regime]
         ax.scatter([m for m, _ in pts], [p for _, p in pts], s=22, label=regime, zorder=3)
     ax.set(xscale="log", yscale="log", xlim=xs, ylim=xs, xlabel="measured peak (GiB)",
-           ylabel="planned peak (GiB)", title=title or default_title)
+           ylabel="planned peak (GiB)", title=data.title)
     ax.title.set_fontsize(9)
     for axis in (ax.xaxis, ax.yaxis):
         _log_axis(axis, subs=(1.0, 2.0, 5.0))
     ax.legend(fontsize=8, loc="upper left")
     return fig
+
+
+def validation_figure(rows: list[dict] | str | Path, title: str | None = None) -> Any:
+    """Predicted against measured peak per row, log-log, with y = x and a ±3% band.
+
+    ``rows`` are the records of a validation report, or the path of its JSON file.
+    """
+    return draw_validation(validation_data(rows, title))
+
+
+DRAW = {RegimesData: draw_regimes, BreakdownData: draw_breakdown, RankData: draw_rank,
+        BatchData: draw_batch, ValidationData: draw_validation}
+
+
+def draw(data: FigureData) -> Any:
+    """The Figure of any figure's data."""
+    return DRAW[type(data)](data)
 
 
 def check_path(path: str | Path) -> Path:
@@ -394,11 +604,99 @@ def check_path(path: str | Path) -> Path:
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Save PNG or SVG by extension, whole or not at all (a temporary file, then rename)."""
     path = check_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    return write_staged([(path, lambda tmp: fig.savefig(tmp, dpi=120))])[0]
+
+
+def write_staged(files: Sequence[tuple[Path, Callable[[Path], None]]]) -> list[Path]:
+    """Write each file to a temporary beside it, then rename them all; on error, none is left.
+
+    Nothing is renamed until every file is written, so a failure leaves the old files as they
+    were and no temporary behind.
+    """
+    temps: list[Path] = []
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        for path, write in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps.append(path.with_name(f".{path.stem}.tmp{path.suffix}"))
+            write(temps[-1])
+        for (path, _), tmp in zip(files, temps, strict=True):
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    return [path for path, _ in files]
+
+
+# ---- the gallery: figures and the numbers they draw, written together ----------------------
+
+GALLERY_JSON = "gallery.json"
+
+
+def gallery_doc(entries: Sequence[tuple[str, str, FigureData]], made_by: str) -> dict[str, Any]:
+    """The ``gallery.json`` document: per figure, the command that draws it and its data."""
+    return {"made_by": made_by,
+            "figures": {name: {"command": command, "data": as_json(data)}
+                        for name, command, data in entries}}
+
+
+def save_gallery(folder: str | Path, entries: Sequence[tuple[str, str, FigureData]],
+                 made_by: str) -> list[Path]:
+    """Draw each ``(name, command, data)`` to ``folder/name.png`` and write ``gallery.json``.
+
+    All files are written whole or not at all (:func:`write_staged`).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MemplanError(f"gallery folder {str(folder)!r} is a file; give a folder")
+    doc = gallery_doc(entries, made_by)
+    files: list[tuple[Path, Callable[[Path], None]]] = [
+        (folder / f"{name}.png", _saver(draw(data))) for name, _, data in entries]
+    files.append((folder / GALLERY_JSON,
+                  lambda tmp: tmp.write_text(json.dumps(doc, indent=1) + "\n")))
+    return write_staged(files)
+
+
+def _saver(fig: Any) -> Callable[[Path], None]:
+    return lambda tmp: fig.savefig(tmp, dpi=120)
+
+
+def gallery_differences(committed: dict[str, Any],
+                        entries: Sequence[tuple[str, str, FigureData]]) -> list[str]:
+    """What differs between a ``gallery.json`` and the figures' data recomputed now.
+
+    One line per stale figure, naming it, the first value that changed, and the command
+    that drew it; an empty list when every number is current.
+    """
+    figures = committed.get("figures", {})
+    lines = [f"figure {name!r} is not in the gallery any more" for name in figures
+             if name not in {e[0] for e in entries}]
+    for name, command, data in entries:
+        if name not in figures:
+            lines.append(f"figure {name!r} is missing (drawn by `{command}`)")
+            continue
+        where = _first_difference(figures[name].get("data"), as_json(data), "")
+        if where is not None:
+            lines.append(f"figure {name!r} is stale at {where} (drawn by `{command}`)")
+    return lines
+
+
+def _first_difference(old: Any, new: Any, path: str) -> str | None:
+    """The path of the first differing value and both values, or None when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}")
+            if found is not None:
+                return found
+        return None
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            found = _first_difference(a, b, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    return None if old == new else f"{path or '.'}: committed {_short(old)}, now {_short(new)}"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -57,7 +57,7 @@ def test_regimes_lines_are_the_plans() -> None:
             assert y == approx_gib(plan(spec, replace(train, regime=regime), int(n)).total_bytes)
     labels = [line.get_label() for line in lines]
     assert "full: 16N" in labels and "mixed: 12N" in labels
-    assert "zero: 16N/M, M = 8 GPUs" in labels
+    assert "zero: 16N/G, G = 8 GPUs" in labels
     assert "lora: 4N + 16M, rank 16 on all" in labels
     assert ax.get_xscale() == ax.get_yscale() == "log"
     assert "GiB" in ax.get_ylabel()
