@@ -93,7 +93,7 @@ def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fs
     prompt = train.prompt_tokens if regime == "prompt-tuning" else 0
     lora = regime in LORA_REGIMES
     profile = arch.profile_of(spec)
-    job = Job(spec, train, profile, train.batch, train.seq + prompt, compute,
+    job = Job(spec, train, profile, train.step_batch, train.seq + prompt, compute,
               full=regime in FULL_REGIMES, bitfit=regime == "bitfit",
               targeted={l.name for l in P.check_rank(spec, train.lora)} if lora else set(),
               runtime=runtime, bf16_policy=bf16_policy)
@@ -181,3 +181,85 @@ def _classifier_head(tape: Tape, job: Job, hidden: Sym) -> ActivationPlan:
     loss = ops.cross_entropy(tape, logits, b, c, labels)
     tape.free(logits, last, hidden)
     return ActivationPlan(tape.forward_peak, tape.backward(loss))
+
+
+def plan_inference(spec: ModelSpec, batch: int, seq: int, itemsize: int, sampled: int,
+                   hf: bool = False, runtime: str = "cuda", tape: Tape | None = None,
+                   kv_cache: Any = None, past: int = 0, lora: Any = None,
+                   adapters: int = 0) -> Tape:
+    """One inference forward (``torch.no_grad``) of ``batch`` × ``seq`` new tokens on the
+    tape, the head run on ``sampled`` rows only (one per sequence: vLLM's ``logits_indices``,
+    Hugging Face's ``logits_to_keep=1``) and cast to fp32 as vLLM's sampler does; returns the
+    tape (its ``forward_peak`` is the peak beyond the weights, the KV cache included when
+    ``kv_cache`` writes it). Nothing requires grad, so no op saves anything: what is live is
+    what the model's Python references keep, as in training's forward.
+
+    ``kv_cache(tape, job, q, k, v) -> (k, v)``: the cache's write, called by every attention
+    (:func:`memplan.attention.attention`); none for vLLM's paged cache, preallocated and
+    written in place. ``tape``: continue on it (a decode step after a prefill); ``past``:
+    the tokens already cached (eager attention's scores and masks span them). Training
+    plans never call this.
+
+    ``lora`` (a :class:`~memplan.spec.LoraSpec`) with ``adapters`` K > 0: K PEFT adapters
+    resident and unmerged on its targets, the batch a mixed-adapter batch of K equal shares
+    (PEFT's ``adapter_names=``; :func:`memplan.ops.linear`'s inference branch).
+    """
+    from dataclasses import replace
+
+    impl = "hf" if hf else "memplan"
+    profile = arch.profile_of(spec)
+    # eval mode: every dropout is the identity (and sdpa never falls back to its math path)
+    spec = replace(spec, dropout=0.0).with_extras(
+        **{k: 0.0 for k in ("resid_pdrop", "hidden_dropout") if spec.extra(k) is not None})
+    attention = "sdpa" if "sdpa" in profile.attentions or not hf else "eager"
+    train = TrainSpec(regime="lora", batch=batch, seq=seq, impl=impl, attention=attention)
+    targeted: set[str] = set()
+    if adapters:
+        train = TrainSpec(regime="lora", batch=batch, seq=seq, impl=impl, attention=attention,
+                          lora=lora, lora_backend="peft")
+        # TrainSpec refuses PEFT with K > 1 for training; here it routes the inference branch
+        object.__setattr__(train, "adapters", adapters)
+        targeted = {layer.name for layer in P.check_rank(spec, lora)}
+    # Hugging Face's sdpa mask: called without an attention mask, inference skips it for the
+    # is_causal kernel under FakeTensorMode too (measured), as a real CPU run does
+    job = Job(spec, train, profile, batch, seq, itemsize, full=False, bitfit=False,
+              targeted=targeted, runtime="cpu" if runtime == "fake" else runtime)
+    if kv_cache is not None:
+        job.__dict__["kv_cache"] = kv_cache
+    if past:  # a decode step: attention reads the ``past`` cached keys and the new ones
+        job.__dict__["kv_len"] = past + seq
+    if hf:  # what a Hugging Face layer's locals keep until it returns (eager's weights...)
+        job.__dict__["block_locals"] = []
+    tape = tape or Tape(dropout_mask_bytes=1 if runtime == "cuda" else None,
+                        inplace_accumulation=runtime == "cuda")
+    ids = tape.alloc(tape.new(batch * seq, INT64, False))
+    x = ops.embedding(tape, ids, batch * seq, spec.vocab_size, spec.hidden_size, itemsize,
+                      False)
+    held = [x] if job.hf else []
+    x = profile.embed(tape, job, x, held)
+    rope = profile.rope_tables(tape, job)
+    held += rope
+    profile.hf_inputs(tape, job, held)
+    for i in range(spec.num_layers):
+        x_in, x = x, profile.block(tape, job, x, rope, i)
+        if hf:
+            tape.free(*job.__dict__["block_locals"])
+            job.__dict__["block_locals"].clear()
+        if x_in not in held:
+            tape.free(x_in)
+    hidden = profile.final_norm(tape, job, x)
+    tape.free(x, *held)
+    if hf:  # hidden_states[:, -1:, :], a view: the head reads it, hidden stays till then
+        rows = hidden
+    else:   # vLLM's hidden_states[logits_indices]: a gathered copy
+        rows = tape.alloc(tape.new(sampled * spec.hidden_size, itemsize, False))
+        tape.free(hidden)
+    raw = ops.linear(tape, rows, spec.vocab_size, sampled, w_rg=False,
+                     in_features=spec.hidden_size)
+    tape.free(rows)
+    logits = profile.logits(tape, job, raw)
+    if logits is not raw:
+        tape.free(raw)
+    x32 = logits if hf else ops.cast(tape, logits, FP32)  # HF returns them in the dtype
+    tape.free(logits, x32, ids)
+    return tape

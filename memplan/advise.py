@@ -172,9 +172,10 @@ def _regime_values(train: TrainSpec) -> list[_Value]:
                                                      f"regime {regime} → {new} ({why})"), tier)
 
     values = [_Value(0, {}, None)]
-    if regime == "lora":
-        values += [to(1, "lora-bf16", "bf16 base"), to(2, "qlora", "NF4 base")]
-    elif regime == "lora-bf16":
+    if regime == "lora":  # K adapters train on an fp32 or bf16 base only
+        values += [to(1, "lora-bf16", "bf16 base")] + \
+            ([to(2, "qlora", "NF4 base")] if train.adapters == 1 else [])
+    elif regime == "lora-bf16" and train.adapters == 1:
         values += [to(1, "qlora", "NF4 base")]
     elif regime == "full":
         values += [to(1, "mixed", "bf16 gradients and momentum")]
@@ -298,7 +299,7 @@ class _Search:
         total = user.gpus * user.batch
         same = [(b, user.batch // b, total) for b in _divisors(user.batch)]
         out.append((Fraction(user.gpus), _sharded_at(train, user, user.gpus, False), same))
-        if not _scalable(train.regime):
+        if not _scalable(train.regime) or train.adapters > 1:  # K adapters: no FSDP plan
             return out
         if user.gpus > 1 and user.shard == "none" and train.regime in SHARDABLE_REGIMES \
                 and train.regime != "zero":
@@ -499,6 +500,8 @@ def fits_args(spec: ModelSpec, train: TrainSpec) -> list[str]:
             args += ["--targets", targets]
         if lora.train_embeddings:
             args.append("--train-embeddings")
+        if train.adapters > 1:
+            args += ["--adapters", str(train.adapters)]
     if train.has_activations:
         args += ["--batch", str(train.batch), "--seq", str(train.seq)]
     if train.gpus != 1:

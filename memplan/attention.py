@@ -21,6 +21,9 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
     spec, d, b, s = job.spec, job.d, job.b, job.s
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     tokens = b * s
+    cache = job.__dict__.get("kv_cache")  # an inference's KV cache write (plan_inference)
+    if cache is not None:
+        k, v = cache(tape, job, q, k, v)
     rg = q.rg or k.rg or v.rg
     if job.train.attention != "eager" and spec.dropout > 0 and job.runtime != "cuda":
         return _sdpa_math(tape, job, q, k, v, fused, rg)
@@ -53,10 +56,11 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
         return tape.op(out, [(t, t.nbytes if repeat else ALIAS)])
 
     gqa = nkv != nh
-    n_scores = b * nh * s * s
+    kv = job.__dict__.get("kv_len", s)  # keys: the cache's and the new tokens (inference)
+    n_scores = b * nh * s * kv
     if gqa and not fused:  # repeat_kv rebinds k and v inside attend
-        k = copy(k, tokens * nh * hd, True)
-        v = copy(v, tokens * nh * hd, True)
+        k = copy(k, b * kv * nh * hd, True)
+        v = copy(v, b * kv * nh * hd, True)
     # matmul folds (B, nh) with reshape: q (GPT-2's strided slice) and k^T are copied unless
     # they are contiguous (Llama's rotary output, or a repeat_kv copy); the copies are temps.
     # A single sequence (B = 1) folds (1, nh) into nh with a view: nothing is copied.
@@ -93,11 +97,16 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
     if dropped is not probs:
         tape.free(probs)
     # v: Llama's is a transposed view (copied by the reshape unless repeated); GPT-2's a slice
-    v_r = copy(v, tokens * nh * hd, False) if (fused or not gqa) and b > 1 else v
+    v_r = copy(v, b * kv * nh * hd, False) if (fused or not gqa) and b > 1 else v
     out = tape.new(tokens * nh * hd, d, rg)
     tape.op(out, [(dropped, dropped.nbytes), (v_r, v_r.nbytes)],
             ([v_r] if dropped.rg else []) + ([dropped] if v_r.rg else []))
-    tape.free(*(t for t in (v_r, mask) if t is not v and t is not None), masked, dropped)
+    tape.free(*(t for t in (v_r, mask) if t is not v and t is not None), masked)
+    held = job.__dict__.get("block_locals")  # inference: the layer's ``_`` keeps the weights
+    if held is None:
+        tape.free(dropped)
+    else:
+        held.append(dropped)
     if gqa and not fused:
         tape.free(k, v)
     flat = copy(out, out.numel, False)  # transpose(1, 2).reshape copies

@@ -14,13 +14,14 @@ from memplan.autograd import ALIAS, FP32, Sym, Tape
 
 def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg: bool = False,
            lora_rank: int = 0, lora_cast: bool = False, in_features: int = 0,
-           tied: bool = False, peft: bool = False) -> Sym:
+           tied: bool = False, peft: bool = False, adapters: int = 1) -> Sym:
     """``x W^T + b`` (grad_W needs x), plus LoRA's ``s·B(A(x))`` when ranked.
 
     LoRA's branch: A's and B's weights train, so x and A's rank-R output are kept. On a bf16
     base memplan's LoRALinear casts A and B down per forward (kept when the other operand needs
     a gradient); PEFT (``peft``) casts x up to its fp32 adapters instead, adds in fp32 and
-    casts the sum back.
+    casts the sum back. ``adapters`` K > 1: K adapters, each on its own equal share of the
+    batch (:func:`_mixed_lora`).
     """
     in_features = in_features or x.numel // tokens
     base = tape.new(tokens * out_features, x.itemsize, x.rg or w_rg or b_rg)
@@ -29,8 +30,14 @@ def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg:
             tied=tied)
     if not lora_rank:
         return base
+    if peft and adapters > 1:  # inference only: TrainSpec refuses PEFT with K > 1
+        return _peft_mixed_inference(tape, x, base, lora_rank, in_features, out_features,
+                                     tokens, adapters)
     if peft:
         return _peft_lora(tape, x, base, lora_rank, in_features, out_features, tokens)
+    if adapters > 1:
+        return _mixed_lora(tape, x, base, lora_rank, lora_cast, in_features, out_features,
+                           tokens, adapters)
     saves_a = [x] + ([tape.new(lora_rank * in_features, x.itemsize, True)]
                      if lora_cast and x.rg else [])
     a = tape.op(tape.new(tokens * lora_rank, x.itemsize, True), [(x, x.nbytes)], saves_a,
@@ -43,6 +50,65 @@ def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg:
     out = add(tape, base, scaled)  # ``out + adapted * s``: base and B's output are locals
     tape.free(base, bo, scaled)
     return out
+
+
+def _mixed_lora(tape: Tape, x: Sym, base: Sym, rank: int, lora_cast: bool, in_features: int,
+                out_features: int, tokens: int, adapters: int) -> Sym:
+    """K adapters over one batch, as :class:`memplan.nn.lora.LoRALinear` runs them (PEFT's
+    ``_mixed_batch_forward``): per adapter, the gather ``x[rows]`` (a copy; its backward
+    scatters into a zero tensor the size of x), ``A`` and ``B`` on the copy (A keeps it, B
+    keeps A's output), ``· s``, and ``out.index_put((rows,), ·, accumulate=True)``, out of
+    place, which keeps only the rows: its backward passes the gradient through to ``out`` and
+    gathers the rows' part for the adapter."""
+    sub_tokens = tokens // adapters
+    out = base
+    for _ in range(adapters):
+        sub = tape.op(tape.new(sub_tokens * in_features, x.itemsize, x.rg), [(x, x.nbytes)])
+        saves_a = [sub] + ([tape.new(rank * in_features, x.itemsize, True)]
+                           if lora_cast and sub.rg else [])
+        a = tape.op(tape.new(sub_tokens * rank, x.itemsize, True), [(sub, sub.nbytes)],
+                    saves_a, param_grad=4 * rank * in_features)
+        saves_b = [a] + ([tape.new(rank * out_features, x.itemsize, True)] if lora_cast else [])
+        bo = tape.op(tape.new(sub_tokens * out_features, x.itemsize, True), [(a, a.nbytes)],
+                     saves_b, param_grad=4 * rank * out_features)
+        tape.free(a, *saves_a[1:], *saves_b[1:])
+        scaled = tape.op(tape.new(bo.numel, x.itemsize, True), [(bo, bo.nbytes)])
+        tape.free(sub, bo)
+        new = tape.op(tape.new(out.numel, out.itemsize, True),
+                      [(out, ALIAS), (scaled, scaled.nbytes)])
+        tape.free(out, scaled)
+        out = new
+    return out
+
+
+def _peft_mixed_inference(tape: Tape, x: Sym, base: Sym, rank: int, in_features: int,
+                          out_features: int, tokens: int, adapters: int) -> Sym:
+    """PEFT's ``_mixed_batch_forward`` under ``torch.no_grad`` (``peft/tuners/lora/layer.py``),
+    adapters in the base's dtype, K equal shares of the batch. Per adapter: ``sub_batch =
+    x[rows]`` (a copy), ``lora_output = lora_B(lora_A(sub_batch)) * scaling`` (A's output
+    freed once B has run, B's once scaled), then ``result[rows] += lora_output``: a gathered
+    copy of the rows, added to in place and written back in place (``index_put_``), freed.
+    ``sub_batch`` and ``lora_output`` are locals: each lives until the next adapter's
+    replaces it, the last until the function returns."""
+    sub_tokens = tokens // adapters
+    sub = out = None
+    for _ in range(adapters):
+        new_sub = tape.alloc(tape.new(sub_tokens * in_features, x.itemsize, False))
+        if sub is not None:
+            tape.free(sub)
+        sub = new_sub
+        a = tape.alloc(tape.new(sub_tokens * rank, x.itemsize, False))
+        bo = tape.alloc(tape.new(sub_tokens * out_features, x.itemsize, False))
+        tape.free(a)
+        new_out = tape.alloc(tape.new(sub_tokens * out_features, x.itemsize, False))
+        tape.free(bo)
+        if out is not None:
+            tape.free(out)
+        out = new_out
+        rows = tape.alloc(tape.new(sub_tokens * out_features, base.itemsize, False))
+        tape.free(rows)
+    tape.free(sub, out)
+    return base
 
 
 def add(tape: Tape, a: Sym, b: Sym) -> Sym:

@@ -35,6 +35,7 @@ def trainable_tensors(spec: ModelSpec, train: TrainSpec) -> list[int]:
         sizes = spec.num_layers * per_block
         sizes += [r * size for l in arch.profile_of(spec).root_lora_linears(spec, train.lora)
                   for size in (l.in_features, l.out_features)]
+        sizes *= train.adapters  # K adapters, each its own A and B tensors
         if train.lora.train_embeddings:
             sizes += [P.embedding_params(spec)] + ([P.lm_head_params(spec)]
                                                    if not spec.tie_embeddings else [])

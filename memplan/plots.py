@@ -700,3 +700,197 @@ def _first_difference(old: Any, new: Any, path: str) -> str | None:
 def _short(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ---- serving with LoRA adapters: concurrency against context, memory against adapters ------
+# (memplan.serve plans the KV cache and the prefill; memplan.serve_adapters the adapters.)
+
+DEFAULT_ADAPTER_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class ConcurrencyData:
+    """What :func:`draw_concurrency` draws: concurrent sequences (counts) against context
+    length, one line without adapters and one with vLLM's adapter slots."""
+
+    title: str
+    seqs: tuple[int, ...]
+    lines: tuple[Line, ...]
+    gpu: Capacity
+    reserve_bytes: int
+    weights_bytes: int
+    activations_bytes: int
+    adapter_slot_bytes: int
+    kv_bytes_per_token: int
+
+
+@dataclass(frozen=True)
+class AdaptersData:
+    """What :func:`draw_adapters` draws: bytes the adapters take against their number K;
+    merged, resident and slotted on the GPU, and host RAM, as separate lines."""
+
+    title: str
+    counts: tuple[int, ...]
+    lines: tuple[Line, ...]
+    host: Line
+    adapter_bytes: int
+    gpu_left_bytes: int | None = None  # capacity − reserve − weights − prefill, if a GPU
+
+
+def _lora_dtype(dtype: str) -> str:
+    """The adapters' dtype when serving weights in ``dtype``: vLLM's ``lora_dtype="auto"`` is
+    the compute dtype (fp16 under int8 weights, bf16 under NF4, as :mod:`memplan.serve`)."""
+    from memplan.serve import SERVE_DTYPES
+
+    if dtype not in SERVE_DTYPES:
+        raise MemplanError(f"--dtype {dtype!r} is not one of {', '.join(SERVE_DTYPES)}")
+    return {"int8": "fp16", "nf4": "bf16"}.get(dtype, dtype)
+
+
+def _context_values(spec: ModelSpec, seqs: Sequence[int] | None) -> list[int]:
+    """Powers of two from 256 to the model's positions, and the positions themselves."""
+    if seqs:
+        xs = sorted(set(seqs))
+        if xs[0] < 1:
+            raise MemplanError(f"context lengths must be positive, got {xs[0]}")
+        return xs
+    xs = [2**k for k in range(8, 21) if 2**k <= spec.max_positions]
+    return xs if xs and xs[-1] == spec.max_positions else [*xs, spec.max_positions]
+
+
+def concurrency_data(spec: ModelSpec, gpu: str | GpuSpec, dtype: str = "bf16",
+                     rank: int = 8, max_loras: int = 8, max_lora_rank: int | None = None,
+                     seqs: Sequence[int] | None = None,
+                     reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> ConcurrencyData:
+    """Concurrent sequences of each context length that the KV cache of ``gpu`` holds, serving
+    ``spec`` in ``dtype`` (:func:`memplan.serve.plan_serve`: weights, one prefill chunk,
+    reserve, paged KV), without adapters and with ``max_loras`` vLLM slots of
+    ``max_lora_rank`` (default: ``rank``) for every LoRA-capable module (adapters in the
+    compute dtype, vLLM's ``lora_dtype="auto"``)."""
+    from memplan.serve import plan_serve
+    from memplan.serve_adapters import adapter_plan
+
+    device = _gpu(gpu)
+    slot_rank = max_lora_rank or rank
+    if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1:
+        raise MemplanError(f"--max-loras must be a positive integer, got {max_loras!r}; e.g. "
+                           "--max-loras 8")
+    lora = adapter_plan(spec, max_loras, rank, "all", max_loras, slot_rank,
+                        dtype=_lora_dtype(dtype))
+    slots = lora.adapter_slot_bytes + lora.embedding_slot_bytes  # what `memplan serve` takes
+    xs = _context_values(spec, seqs)
+    if xs[-1] > spec.max_positions:
+        raise MemplanError(f"context {xs[-1]} is beyond {spec.name}'s {spec.max_positions:,} "
+                           f"positions; use {spec.max_positions} or less")
+    plans = {extra: [plan_serve(spec, dtype, device.capacity_bytes, reserve_bytes, seq=x,
+                                adapter_gpu_bytes=extra) for x in xs] for extra in (0, slots)}
+    lines = (Line("no adapters", tuple(xs),
+                  tuple(p.max_concurrent_sequences or 0 for p in plans[0])),
+             Line(f"{max_loras} adapter slots of rank {slot_rank} "
+                  f"({gib(slots):.2f} GiB, vLLM's layout, planned)", tuple(xs),
+                  tuple(p.max_concurrent_sequences or 0 for p in plans[slots])))
+    first = plans[0][0]
+    return ConcurrencyData(
+        f"{spec.name} in {dtype} on {device.name}: concurrent sequences against context",
+        tuple(xs), lines, Capacity(device.name, device.capacity_bytes), reserve_bytes,
+        first.weights_bytes, first.activations_bytes, slots, first.kv_bytes_per_token)
+
+
+def draw_concurrency(data: ConcurrencyData) -> Any:
+    """Draw :class:`ConcurrencyData`: log-log, a marker per context length."""
+    fig, ax = _figure(width=8.5, height=5.4)
+    for line, style in zip(data.lines, ("-", "--"), strict=False):
+        pts = [(x, y) for x, y in zip(line.xs, line.ys, strict=True) if y > 0]
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], ls=style, marker="o", ms=3,
+                    label=line.label)
+    xs = list(data.seqs)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs], fontsize=8)
+    _log_axis(ax.yaxis, subs=(1.0, 2.0, 5.0))
+    ax.set(xlabel="context length per sequence (tokens)",
+           ylabel="concurrent sequences whose KV cache fits", title=data.title)
+    ax.title.set_fontsize(10)
+    note = (f"{data.gpu.name} {gib(data.gpu.capacity_bytes):.2f} GiB − weights "
+            f"{gib(data.weights_bytes):.2f} − prefill {gib(data.activations_bytes):.2f} − "
+            f"reserve {gib(data.reserve_bytes):.2f} GiB; KV {data.kv_bytes_per_token:,} B/token")
+    ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="0.3")
+    ax.grid(True, color="0.92")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def adapters_data(spec: ModelSpec, rank: int = 8, targets: str = "all",
+                  max_loras: int = 8, max_lora_rank: int | None = None,
+                  max_cpu_loras: int | None = None, dtype: str = "bf16",
+                  counts: Sequence[int] | None = None, gpu: str | GpuSpec | None = None,
+                  reserve_bytes: int = DEFAULT_RESERVE_BYTES) -> AdaptersData:
+    """Bytes of K adapters (:func:`memplan.serve_adapters.adapter_plan`) for each K of
+    ``counts``: merged (0), resident (K on the GPU), slotted (vLLM's ``min(K, max_loras)``
+    slots of ``max_lora_rank``, default ``rank``) and host RAM (vLLM's CPU cache of up to
+    ``max_cpu_loras``, default K). With ``gpu``, what is left of it for adapters and KV cache
+    after the weights (``dtype``), one prefill chunk and the reserve."""
+    from memplan.serve_adapters import adapter_plan
+
+    ks = sorted(set(counts or DEFAULT_ADAPTER_COUNTS))
+    if ks[0] < 1:
+        raise MemplanError(f"adapter counts must be positive, got {ks[0]}")
+    slot_rank = max_lora_rank or rank
+    adapter_plan(spec, ks[-1], rank, targets, max_loras, slot_rank, max_cpu_loras,
+                 _lora_dtype(dtype))  # the options as given, at the largest K: bad input
+    plans = [adapter_plan(spec, k, rank, targets, min(max_loras, k), slot_rank,
+                          None if max_cpu_loras is None else max(max_cpu_loras,
+                                                                 min(max_loras, k)),
+                          _lora_dtype(dtype)) for k in ks]
+    xs = tuple(ks)
+    lines = (Line("merged into W (one adapter at a time): 0", xs, tuple(p.merged_bytes
+                                                                          for p in plans)),
+             Line("resident, unmerged: K adapters on the GPU", xs,
+                  tuple(p.resident_bytes for p in plans)),
+             Line(f"slotted (vLLM, planned): min(K, {max_loras}) slots of rank {slot_rank}, "
+                  f"every LoRA-capable module and the embeddings", xs,
+                  tuple(p.adapter_slot_bytes + p.embedding_slot_bytes for p in plans)))
+    cpu = "K" if max_cpu_loras is None else f"min(K, {max_cpu_loras})"
+    host = Line(f"host RAM (vLLM's CPU cache): {cpu} adapters", xs,
+                tuple(p.host_adapter_bytes for p in plans))
+    left = None
+    title = (f"{spec.name}: adapters of rank {rank} on {plans[0].targets}, "
+             f"{_lora_dtype(dtype)}")
+    if gpu is not None:
+        from memplan.serve import plan_serve
+
+        device = _gpu(gpu)
+        served = plan_serve(spec, dtype, device.capacity_bytes, reserve_bytes)
+        left = device.capacity_bytes - reserve_bytes - served.weights_bytes \
+            - served.activations_bytes
+        title += f", on {device.name}"
+    return AdaptersData(title, xs, lines, host, plans[0].adapter_bytes, left)
+
+
+def draw_adapters(data: AdaptersData) -> Any:
+    """Draw :class:`AdaptersData`: GPU bytes (left) and host RAM (right) against K."""
+    fig, (gpu_ax, host_ax) = _figure(ncols=2, width=11.0, height=5.0)
+    for line, style in zip(data.lines, (":", "-", "--"), strict=True):
+        gpu_ax.plot(list(line.xs), [gib(y) for y in line.ys], ls=style, marker="o", ms=3,
+                    label=line.label)
+    if data.gpu_left_bytes is not None:
+        gpu_ax.axhline(gib(data.gpu_left_bytes), color="0.2", ls="-.", lw=1,
+                       label=f"GPU left after weights, prefill and reserve: "
+                             f"{gib(data.gpu_left_bytes):.2f} GiB")
+    host_ax.plot(list(data.host.xs), [gib(y) for y in data.host.ys], marker="o", ms=3,
+                 color="#55a868", label=data.host.label)
+    for ax, ylabel in ((gpu_ax, "GPU memory for adapters (GiB)"),
+                       (host_ax, "host RAM for adapters (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(data.counts), [str(k) for k in data.counts], fontsize=8)
+        ax.set(xlabel="adapters K", ylabel=ylabel)
+        ax.grid(True, color="0.92")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data.title}; one adapter {data.adapter_bytes / 2**20:.1f} MiB",
+                 fontsize=10)
+    return fig
+
+
+DRAW[ConcurrencyData] = draw_concurrency
+DRAW[AdaptersData] = draw_adapters

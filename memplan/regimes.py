@@ -90,7 +90,7 @@ def trainable_count(spec: ModelSpec, train: TrainSpec, params: int | None = None
     if regime in ("full", "mixed", "zero", "zero1", "zero2", "zero3"):
         return n, 0, "N"
     if regime in ("lora", "lora-bf16", "qlora"):
-        m = P.lora_params(spec, train.lora)
+        m = P.lora_params(spec, train.lora) * train.adapters  # K adapters of M each
         return m + P.lora_embedding_params(spec, train.lora), m, "M"
     if regime == "classifier":
         c = P.classifier_params(spec, train.num_classes)
@@ -114,13 +114,18 @@ def check_job(spec: ModelSpec, train: TrainSpec) -> None:
     """Refuse combinations that no implementation runs (one clear line each)."""
     if train.lora_backend == "peft" and train.impl != "hf":
         raise MemplanError("--lora-backend peft wraps Hugging Face models; add --impl hf")
+    if train.adapters > 1 and arch.profile_of(spec).root_lora_linears(spec, train.lora):
+        raise MemplanError(f"--adapters {train.adapters}: {spec.name} has LoRA targets outside "
+                           "its blocks, which memplan plans for one adapter only; use "
+                           "--adapters 1")
     check_shardable(train)
     profile = arch.profile_of(spec)
     profile.check(spec, train)
     if (train.impl == "hf" and profile.conv1d and train.lora_backend == "memplan"
             and train.regime in ("lora", "lora-bf16", "qlora")):
         raise MemplanError("Hugging Face GPT-2 uses Conv1D layers, which memplan's LoRALinear "
-                           "does not wrap; use --lora-backend peft")
+                           "does not wrap; use " + ("--impl memplan" if train.adapters > 1
+                                                    else "--lora-backend peft"))
 
 
 def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) -> ModelState:
@@ -134,6 +139,9 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
     gpus = train.gpus
     opt = train.optimizer
     symbols = {"N": n, sym: trainable}
+    if train.adapters > 1:  # K adapters of M each (spec.py refuses embeddings beside them)
+        symbols |= {"M": trainable // train.adapters, "K": train.adapters}
+        sym = "·K·M"  # the formula reads 4N + 16·K·M
     if new and sym == "M" and trainable != new:
         symbols["M"] = new
         symbols["E"] = trainable - new  # the embeddings trained beside the adapters

@@ -100,8 +100,10 @@ def profile_table(result: Any) -> Table:
     """Plan beside measurement, component by component, with the relative error."""
     pred, meas = result.predicted, result.measured
     err = result.relative_error
-    title = escape(f"{result.spec.name} · {result.train.regime} · batch {result.train.batch} × "
-                   f"seq {result.train.seq} on {meas.device}: "
+    k = result.train.adapters
+    per = f" per adapter, {k} adapters" if k > 1 else ""
+    title = escape(f"{result.spec.name} · {result.train.regime} · batch {result.train.batch}{per}"
+                   f" × seq {result.train.seq} on {meas.device}: "
                    + (f"error {100 * err:+.2f}%" if err is not None else
                       f"does not fit; measured up to {format_bytes(meas.peak_bytes)}"
                       if meas.peak_bytes > 0 else

@@ -160,6 +160,7 @@ class TrainSpec:
     lora_backend: str = "memplan"
     shard: str = "none"
     param_dtype: str = "fp32"
+    adapters: int = 1
 
     def __post_init__(self) -> None:
         checks = (
@@ -189,8 +190,34 @@ class TrainSpec:
                                    f"{MAX_JOB_SIZE:,}")
         if (self.batch is None) != (self.seq is None):
             raise MemplanError("give both --batch and --seq to plan activations, or neither")
+        _check_adapters(self)
+
+    @property
+    def step_batch(self) -> int | None:
+        """Samples in one step: ``adapters × batch`` (``batch`` is per adapter)."""
+        return None if self.batch is None else self.batch * self.adapters
 
     @property
     def has_activations(self) -> bool:
         """Whether batch and sequence length were given, so activations are planned."""
         return self.batch is not None and self.seq is not None
+
+
+def _check_adapters(train: TrainSpec) -> None:
+    """``adapters`` (K): K LoRA adapters on one frozen base, ``batch`` samples each."""
+    k = train.adapters
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= MAX_JOB_SIZE:
+        raise MemplanError(f"--adapters must be a positive integer up to {MAX_JOB_SIZE:,}, "
+                           f"got {k!r}; try --adapters 2")
+    if k == 1:
+        return
+    if train.regime not in ("lora", "lora-bf16"):
+        raise MemplanError(f"--adapters {k} trains K LoRA adapters; use --regime lora or "
+                           f"lora-bf16, not {train.regime}")
+    if train.lora_backend == "peft":
+        raise MemplanError(f"--adapters {k} runs memplan's LoRALinear only; drop "
+                           "--lora-backend peft")
+    if train.lora.train_embeddings:
+        raise MemplanError(f"--adapters {k} trains adapters only; drop --train-embeddings")
+    if train.shard != "none":
+        raise MemplanError(f"--adapters {k} is planned without FSDP; drop --shard")

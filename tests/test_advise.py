@@ -427,3 +427,22 @@ def test_fits_that_does_not_fit_says_what_to_change() -> None:
     assert "what to change" in text.stdout and data["options"][0]["command"] in text.stdout
     fitting = runner.invoke(app, [*args[:-4], "--memory", "40GiB", "--json"])
     assert fitting.exit_code == 0 and "options" not in json.loads(fitting.stdout)
+
+
+def test_options_of_k_adapters_keep_k_and_their_commands_run() -> None:
+    """K adapters train on an fp32 or bf16 base and without FSDP: advise searches only what
+    memplan plans for them, and every command it prints keeps --adapters K and exits 0."""
+    from memplan.cli.app import load_commands
+
+    app, runner = load_commands(), CliRunner()
+    result = runner.invoke(app, ["advise", "--model", "llama-tiny", "--regime", "lora",
+                                 "--adapters", "4", "--batch", "2", "--seq", "64",
+                                 "--memory", "1GiB", "--reserve", "950MiB", "--json"])
+    assert result.exit_code == 0, result.output
+    options = json.loads(result.stdout)["options"]
+    assert options and all(o["regime"] in ("lora", "lora-bf16") and o["gpus"] == 1
+                           for o in options)
+    for option in options:
+        assert "--adapters 4" in option["command"]
+        again = runner.invoke(app, shlex.split(option["command"])[1:])
+        assert again.exit_code == 0, (option["command"], again.output)

@@ -35,9 +35,9 @@ GROUP = typer.main.get_command(APP)
 COMMANDS = tuple(GROUP.commands)
 SCALE = float(os.environ.get("MEMPLAN_FUZZ_SCALE", "1"))
 CASES = {"estimate": 1400, "fits": 1100, "gpus": 150, "models": 150, "profile": 300,
-         "validate": 80, "plot": 200, "scale": 300, "advise": 400}
+         "validate": 80, "plot": 200, "scale": 300, "advise": 400, "serve": 400}
 HEAVY = ("profile", "validate", "plot")  # commands whose valid cases run models or draw
-EXIT_ONE = ("fits", "profile", "advise")  # exit 1 is their "does not fit"
+EXIT_ONE = ("fits", "profile", "advise", "serve")  # exit 1 is their "does not fit"
 COUNT = {"cases": 0}  # reported by test_fuzz_counts
 
 
@@ -143,6 +143,11 @@ def pools(command: str, name: str, files: dict[str, str]) -> tuple[list[str], li
         "per_node": (["1", "4", "8"], INT_BAD),
         "kind": (["regimes", "breakdown", "rank", "batch", "validation"],
                  ["nope", "", "REGIMES"]),
+        # serve
+        "dtype": (["fp32", "bf16", "fp16", "int8", "nf4"], ["int4", "", "BF16"]),
+        **{name: (["1", "2", "16", "256", "8192"], INT_BAD) for name in (
+            "concurrent", "max_batched_tokens", "block_size", "max_seqs", "adapters",
+            "max_loras", "max_lora_rank", "max_cpu_loras")},
     }
     return table.get(name, ([], JUNK))
 
@@ -157,7 +162,8 @@ def values(command: str, name: str, files: dict[str, str]) -> st.SearchStrategy[
 
 
 MODEL_SOURCES = ("params", "model", "config")
-REQUIRED = {"fits": [("gpu", "memory")], "scale": [("gpu", "memory")], "plot": [("out",)]}
+REQUIRED = {"fits": [("gpu", "memory")], "scale": [("gpu", "memory")], "plot": [("out",)],
+            "serve": [("gpu", "memory")]}
 
 
 # Values that make a heavy command fail before it runs anything (appended last, so they win
@@ -294,6 +300,10 @@ def isolated(files):
     row = ("llama-tiny", {"regime": "lora", "batch": 1, "seq": 8},
            {"num_layers": 1, "vocab_size": 128})
     mp.setattr(validate, "matrix_for", lambda *args, **kwargs: [row])
+    import memplan.profile.matrix as matrix  # validate --serve: one tiny row
+
+    for name in ("SERVE_CPU_MATRIX", "SERVE_FAKE_MATRIX"):
+        mp.setattr(matrix, name, [("llama-tiny", 1, 8, 1, "fp32")])
     yield
     mp.undo()
 

@@ -213,7 +213,8 @@ class Profile:
         held.append(tape.alloc(tape.new(job.s, INT64, False)))
         if job.train.attention == "eager" or job.runtime == "fake":  # eager: float; sdpa: bool
             itemsize = job.d if job.train.attention == "eager" else 1
-            job.mask = tape.alloc(tape.new(job.b * job.s * job.s, itemsize, False))
+            keys = job.__dict__.get("kv_len", job.s)  # an inference's cache adds keys
+            job.mask = tape.alloc(tape.new(job.b * job.s * keys, itemsize, False))
             held.append(job.mask)
 
     def block_args(self, job: Job, rope: list[Sym], hf_inputs: list[Sym],
@@ -222,6 +223,11 @@ class Profile:
         alive until its backward. memplan's blocks take the rotary tables; Hugging Face's also
         the position ids and the mask (``hf_inputs``)."""
         return [*rope, *hf_inputs] if job.hf else list(rope)
+
+    def kv_windows(self, spec: ModelSpec) -> list[int | None]:
+        """Each layer's sliding window in tokens for the KV cache (None: full attention,
+        every token kept); :mod:`memplan.serve` pages a windowed layer's cache by it."""
+        return [None] * spec.num_layers
 
     def layer_key(self, spec: ModelSpec, layer: int) -> Any:
         """What makes block ``layer`` differ from the others beyond its ``block_args``

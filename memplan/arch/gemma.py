@@ -218,6 +218,11 @@ class Gemma2(Gemma):
         return tuple(FULL if (i + 1) % pattern == 0 else SLIDING
                      for i in range(spec.num_layers))
 
+    def kv_windows(self, spec: ModelSpec) -> list[int | None]:
+        """Sliding layers keep their window of the KV cache; full layers every token."""
+        window = spec.extra("sliding_window")
+        return [window if kind == SLIDING else None for kind in self.layer_types(spec)]
+
     def to_hf(self, spec: ModelSpec) -> dict[str, Any]:
         keep = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
                 "sliding_window")
@@ -249,8 +254,8 @@ class Gemma2(Gemma):
         materialised under FakeTensorMode (tracing), and on a real run only for a sliding
         window the sequence reaches (a (1, 1, s, s) storage expanded over the batch)."""
         b, s = job.b, job.s
-        if job.train.attention == "eager":
-            return tape.alloc(tape.new(b * s * s, job.d, False))
+        if job.train.attention == "eager":  # (B, 1, s, keys): an inference's keys are more
+            return tape.alloc(tape.new(b * s * job.__dict__.get("kv_len", s), job.d, False))
         if job.runtime == "fake":
             return tape.alloc(tape.new(b * s * s, 1, False))
         if kind == SLIDING and s >= job.spec.extra("sliding_window"):

@@ -129,7 +129,12 @@ class GPT2(Profile):
         att = attention(tape, job, q, k, v, fused=True)
         proj = parts.dropout(tape, linear(att, "attn.c_proj"), spec.dropout)
         tape.free(qkv, att, y)  # attn's locals, and its argument ln_1(x)
-        x2 = parts.residual(tape, x, proj)
+        held = job.__dict__.get("block_locals")  # inference: GPT2Block's ``attn_output``
+        if held is None:
+            x2 = parts.residual(tape, x, proj)
+        else:  # local lives until the block returns (training saves what outlives it anyway)
+            x2 = ops.add(tape, x, proj)
+            held.append(proj)
         y2 = self.norm(tape, job, x2)
         f = linear(y2, "mlp.c_fc")
         u = parts.gelu_new(tape, f) if job.hf and spec.activation == "gelu_new" else \

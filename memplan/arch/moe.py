@@ -197,6 +197,8 @@ class MoE(Llama):
             tape.free(vals)
         for w in extra:
             tape.free(w)
+        if job.__dict__.get("block_locals") is not None:  # inference: nothing saved them
+            tape.free(probs)
         return logits, weights, idx
 
     def experts(self, tape: Tape, job: Job, x: Sym, logits: Sym, weights: Sym,
@@ -243,7 +245,10 @@ class MoE(Llama):
         gu_w = self.peft_weight(tape, job, e * 2 * i * h, gu_f, e, 2 * rank, h, 2 * i) \
             if gu_peft else None
         up = self.grouped_mm(tape, job, sel, s * 2 * i, e * 2 * i * h, offs, gu_w)
-        tape.free(sel)
+        if job.__dict__.get("block_locals") is None:
+            tape.free(sel)
+        else:  # inference: nothing saves it, and the function's local lives to its return
+            locals_.append(sel)
         gate, upv = tape.view(up, numel=s * i), tape.view(up, numel=s * i)
         tape.op(gate, [(up, up.nbytes)], outputs=[gate, upv])  # chunk: cat in backward
         act = ops.unary(tape, gate)

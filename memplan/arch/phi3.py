@@ -80,6 +80,10 @@ class Phi3(Llama):
         return cfg | {k: spec.extra(k, v) for k, v in (
             ("resid_pdrop", 0.0), ("sliding_window", None), ("partial_rotary_factor", 1.0))}
 
+    def kv_windows(self, spec: ModelSpec) -> list[int | None]:
+        """A ``sliding_window`` applies to every layer (Phi3Attention passes it to each)."""
+        return [spec.extra("sliding_window")] * spec.num_layers
+
     def rotary_dim(self, spec: ModelSpec) -> int:
         """The rotated width of a head: the tables' (cat of two inv_freq halves)."""
         return 2 * ((int(spec.head_dim * spec.extra("partial_rotary_factor", 1.0)) + 1) // 2)

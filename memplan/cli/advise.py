@@ -41,6 +41,7 @@ def advise(
     rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     gpus: o.Gpus = 1, shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
+    adapters: o.Adapters = 1,
     classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
@@ -105,7 +106,7 @@ def advise(
                          prompt_tokens=prompt_tokens, optimizer=optimizer,
                          optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                          attention=attention, impl=impl, lora_backend=lora_backend,
-                         shard=shard, param_dtype=param_dtype)
+                         shard=shard, param_dtype=param_dtype, adapters=adapters)
     except UnprofiledModel as exc:
         raise MemplanError(f"advise searches planned jobs, and this model is measured, not "
                            f"planned: {exc}") from None

@@ -67,6 +67,6 @@ def main() -> None:
 
 def load_commands() -> typer.Typer:
     """Import every command module (for tests using CliRunner) and return the app."""
-    from memplan.cli import advise, catalog, estimate, fits, plot, profile, scale, validate  # noqa: F401
+    from memplan.cli import advise, catalog, estimate, fits, plot, profile, scale, serve, validate  # noqa: F401
 
     return app

@@ -24,6 +24,7 @@ def estimate(
     regime: Annotated[list[str] | None, typer.Option(
         "--regime", help="Only these regimes (repeatable); default: all of them.")] = None,
     shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
+    adapters: o.Adapters = 1,
     reserve: o.Reserve = None, json_out: o.Json = False,
 ) -> None:
     """Plan every training regime: the notes' formula, the peak, its breakdown, the GPUs it fits.
@@ -40,6 +41,7 @@ def estimate(
     from memplan.planner import plan
     from memplan.presets import gpus as gpu_catalogue
     from memplan.report import architecture_dict, console, estimate_table, print_json, symbols_line
+    from memplan.sharing import sharing
     from memplan.spec import REGIMES
 
     try:
@@ -49,7 +51,8 @@ def estimate(
                          classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                          optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                          attention=attention, impl=impl,
-                         lora_backend=lora_backend)
+                         lora_backend=lora_backend, adapters=adapters,
+                         regime="full" if adapters == 1 else "lora")
     except UnprofiledModel as exc:  # no profile: measured with the [hf] extra, else refused
         from memplan.cli import measured
 
@@ -59,7 +62,8 @@ def estimate(
     # By default, every regime that makes sense for the model and optimizer: BitFit needs
     # biases, and the ZeRO stages follow the paper's Adam accounting.
     wanted = regime or [r for r in REGIMES
-                        if (r != "bitfit" or bias_params(job.spec))
+                        if (adapters == 1 or r in ("lora", "lora-bf16"))
+                        and (r != "bitfit" or bias_params(job.spec))
                         and (r not in ("zero1", "zero2", "zero3") or optimizer == "adamw")]
     for name in wanted:
         replace(job.train, regime=name)  # validates the name
@@ -71,6 +75,7 @@ def estimate(
         raise MemplanError(f"--param-dtype {param_dtype} is FSDP's mixed-precision policy: add "
                            "--gpus 2 or more")
     skipped: dict[str, str] = {}
+    shared_lines: list[str] = []
     for label, train in _variants(job.train, wanted, shard, param_dtype):
         try:
             breakdown = plan(job.spec, train, job.params)
@@ -83,6 +88,10 @@ def estimate(
                    if breakdown.total_bytes + reserve_bytes <= g.capacity_bytes]
         rows.append((label, breakdown, fits_on))
         results[label] = breakdown.to_dict() | {"fits_on": fits_on}
+        shared = sharing(job.spec, train, breakdown.total_bytes, job.params)
+        if shared is not None:  # --adapters K: K separate jobs = K × the single-adapter plan
+            results[label]["sharing"] = shared.to_dict()
+            shared_lines.append(f"{label}: {shared.line()}")
     if not rows:  # nothing this model can run: the first reason is the answer
         raise MemplanError(next(iter(skipped.values())))
     if json_out:
@@ -96,7 +105,10 @@ def estimate(
     out.print(symbols_line({"N": n, "M": m}) + f"  (LoRA rank {rank} on {targets}; "
               "N: model parameters, M: LoRA parameters, G: GPUs)", markup=False)
     if job.train.has_activations:
-        out.print(f"activations for batch {batch} × seq {seq}, {job.train.attention} attention"
+        per = f" per adapter, {adapters} adapters: {batch * adapters} samples" \
+            if adapters > 1 else ""
+        out.print(f"activations for batch {batch}{per} × seq {seq}, {job.train.attention} "
+                  "attention"
                   + (", checkpointing" if checkpointing else ""))
     else:
         out.print("[yellow]activations excluded[/yellow]: model states only, the notes' "
@@ -107,6 +119,8 @@ def estimate(
                   " rows are FSDP per GPU (rank 0, the fullest); the others replicate the "
                   "model on every GPU")
     out.print(estimate_table(f"peak memory per GPU ({optimizer}, {optimizer_impl})", rows))
+    for line in shared_lines:
+        out.print(line, markup=False)
     for label, why in skipped.items():
         out.print(f"not planned: {label}: {why}", markup=False)
     out.print(f"fits on: after a runtime reserve of {reserve_bytes / 2**30:.2f} GiB per GPU "
@@ -146,6 +160,8 @@ def _train_dict(train) -> dict:
     from dataclasses import asdict
 
     d = asdict(train)
+    if d["adapters"] == 1:  # one adapter: the JSON as before multi-adapter training
+        del d["adapters"]
     d["lora"]["targets"] = train.lora.targets if isinstance(train.lora.targets, str) \
         else list(train.lora.targets)
     return d

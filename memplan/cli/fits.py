@@ -26,7 +26,7 @@ def fits(
     rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     gpus: o.Gpus = 1, shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
-    classes: o.Classes = 2,
+    adapters: o.Adapters = 1, classes: o.Classes = 2,
     prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
@@ -64,7 +64,8 @@ def fits(
                          prompt_tokens=prompt_tokens, optimizer=optimizer,
                          optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                          attention=attention, impl=impl,
-                         lora_backend=lora_backend, shard=shard, param_dtype=param_dtype)
+                         lora_backend=lora_backend, shard=shard, param_dtype=param_dtype,
+                         adapters=adapters)
     except UnprofiledModel as exc:  # no profile: measured with the [hf] extra, else refused
         from memplan.cli import measured
 
@@ -137,7 +138,8 @@ def _answer(job, result, search_only: bool, capacity: int, reserve: int) -> _Ans
             required = breakdown.total_bytes + reserve
             shown = FitResult(True, required, capacity, reserve, capacity - required, best,
                               breakdown)
-        verdict = (f"fits up to batch {best} at seq {train.seq}" if best else
+        per = f" per adapter ({train.adapters} adapters)" if train.adapters > 1 else ""
+        verdict = (f"fits up to batch {best}{per} at seq {train.seq}" if best else
                    f"does not fit at seq {train.seq}, not even batch 1")
         return _Answer("largest_batch", best >= 1, verdict, shown, {
             "planned": "largest_batch", "verdict": verdict, "fits": best >= 1,
@@ -170,7 +172,8 @@ def _print(job, answer: _Answer, regime: str, gpus: int, label: str, capacity: i
     if is_sharded(train):
         how = f" (one of {gpus} GPUs: rank 0 of FSDP {strategy(train)}" + \
             (", bf16 policy)" if train.param_dtype == "bf16" else ")")
-    shape = f" · batch {train.batch} × seq {train.seq}" if answer.mode == "full" else ""
+    per = f" per adapter, {train.adapters} adapters" if train.adapters > 1 else ""
+    shape = f" · batch {train.batch}{per} × seq {train.seq}" if answer.mode == "full" else ""
     colour = "green" if answer.ok else "red"
     verdict = f"[{colour}]{escape(answer.verdict)}[/{colour}]"
     if answer.mode == "model_states":

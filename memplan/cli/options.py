@@ -55,6 +55,9 @@ ModelImpl = Annotated[str, typer.Option(
 LoraBackend = Annotated[str, typer.Option(
     "--lora-backend", help="memplan (LoRALinear), peft (Hugging Face PEFT; needs --impl hf) or "
     "auto (memplan's with memplan's models, PEFT with Hugging Face's).")]
+Adapters = Annotated[int, typer.Option(
+    "--adapters", help="K LoRA adapters trained at once on one frozen base (--regime lora or "
+    "lora-bf16): --batch samples each, so a step runs K × --batch samples.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object and nothing else.")]
 Reserve = Annotated[str | None, typer.Option(
     "--reserve", help="Per-GPU runtime reserve (CUDA context, allocator), e.g. 1GiB.")]
@@ -117,7 +120,7 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
              optimizer_impl: str = "fused", checkpointing: bool = False,
              attention: str = "sdpa", impl: str = "auto",
              lora_backend: str = "auto", shard: str = "none",
-             param_dtype: str = "fp32") -> Job:
+             param_dtype: str = "fp32", adapters: int = 1) -> Job:
     """Validate the options and build the job (every bad value raises MemplanError).
 
     ``impl="auto"``: memplan's reference model where the family has one, else Hugging Face's;
@@ -127,7 +130,7 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
                    train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                    classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                    optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                   shard=shard, param_dtype=param_dtype)
+                   shard=shard, param_dtype=param_dtype, adapters=adapters)
     try:
         spec, n, assumed = resolve_model(params, model, config, as_family)
     except UnprofiledModel as exc:  # the command may measure it instead (memplan.cli.measured)
@@ -139,7 +142,7 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
         impl = "memplan" if arch.profile_of(spec).reference_model and lora_backend != "peft" \
             else "hf"
     if lora_backend == "auto":
-        lora_backend = "peft" if impl == "hf" else "memplan"
+        lora_backend = "peft" if impl == "hf" and adapters == 1 else "memplan"
     if attention == "auto":
         from memplan import arch
 
@@ -164,7 +167,7 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
                optimizer: str = "adamw", optimizer_impl: str = "fused",
                checkpointing: bool = False, attention: str = "sdpa", impl: str = "memplan",
                lora_backend: str = "memplan", shard: str = "none",
-               param_dtype: str = "fp32") -> TrainSpec:
+               param_dtype: str = "fp32", adapters: int = 1) -> TrainSpec:
     """The TrainSpec of the job options alone, for commands where the model is optional
     (``auto`` choices take memplan's reference models' defaults)."""
     attention = "sdpa" if attention == "auto" else attention
@@ -178,6 +181,7 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
         num_classes=classes, prompt_tokens=prompt_tokens, gpus=gpus, optimizer=optimizer,
         optimizer_impl=optimizer_impl, checkpointing=checkpointing, attention=attention,
         impl=impl, lora_backend=lora_backend, shard=shard, param_dtype=param_dtype,
+        adapters=adapters,
     )
 
 

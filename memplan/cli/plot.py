@@ -18,7 +18,8 @@ from memplan.cli import options as o
 from memplan.cli.app import command
 from memplan.errors import MemplanError
 
-KINDS = ("regimes", "breakdown", "rank", "batch", "validation")
+KINDS = ("regimes", "breakdown", "rank", "batch", "validation")  # the gallery's, one each
+SERVE_KINDS = ("concurrency", "adapters")  # serving with adapters; not in the gallery
 DEFAULT_REPORT = Path("reports/validation-cpu.json")
 GALLERY_DIR = Path("reports/gallery")
 # The README's gallery: the arguments of `memplan plot` for each figure, less --out (paths are
@@ -34,7 +35,10 @@ GALLERY = (
 
 Kind = Annotated[str, typer.Argument(
     help="regimes (memory vs N), breakdown (stacked bars per regime), rank (LoRA M and memory "
-    "vs rank), batch (memory vs batch or seq on a GPU), validation (planned vs measured), or "
+    "vs rank), batch (memory vs batch or seq on a GPU), validation (planned vs measured), "
+    "concurrency (serving: concurrent sequences vs context on a GPU, with and without adapter "
+    "slots), adapters (serving: adapter memory vs their number, merged, resident, slotted, "
+    "host RAM), or "
     "gallery (the README's five figures and their numbers, gallery.json, into the --out "
     "folder).",
     show_default=False)]
@@ -53,6 +57,17 @@ Gpu = Annotated[str | None, typer.Option(
 Memory = Annotated[str | None, typer.Option(
     "--memory", help="batch: a capacity instead of --gpu, e.g. 24GiB.")]
 Axis = Annotated[str, typer.Option("--axis", help="batch: plot against batch or seq.")]
+ServeDtype = Annotated[str, typer.Option(
+    "--dtype", help="concurrency, adapters: the served weights' dtype (fp32, bf16, fp16, int8, "
+    "nf4); the adapters are in its compute dtype.")]
+PlotAdapters = Annotated[int | None, typer.Option(
+    "--adapters", help="adapters: the largest K drawn (default 256).")]
+MaxLoras = Annotated[int, typer.Option(
+    "--max-loras", help="concurrency, adapters: vLLM's GPU adapter slots.")]
+MaxLoraRank = Annotated[int | None, typer.Option(
+    "--max-lora-rank", help="concurrency, adapters: vLLM's slot rank (default: --rank).")]
+MaxCpuLoras = Annotated[int | None, typer.Option(
+    "--max-cpu-loras", help="adapters: vLLM's host-RAM cache of adapters (default: all K).")]
 Report = Annotated[Path | None, typer.Option(
     "--report", help=f"validation: a report of `memplan validate` (default {DEFAULT_REPORT}).")]
 
@@ -68,7 +83,9 @@ def plot(
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
     gpu: Gpu = None, memory: Memory = None, axis: Axis = "batch", reserve: o.Reserve = None,
-    report: Report = None,
+    report: Report = None, dtype: ServeDtype = "bf16", adapters: PlotAdapters = None,
+    max_loras: MaxLoras = 8, max_lora_rank: MaxLoraRank = None,
+    max_cpu_loras: MaxCpuLoras = None,
 ) -> None:
     """Draw a plot of the plans (or of a validation report) and save it as PNG or SVG.
 
@@ -83,10 +100,10 @@ def plot(
     if kind == "gallery":
         _gallery(ctx, out)
         return
-    if kind not in KINDS:
+    if kind not in KINDS + SERVE_KINDS:
         from memplan.errors import unknown
 
-        raise unknown("plot kind", kind, (*KINDS, "gallery"))
+        raise unknown("plot kind", kind, (*KINDS, *SERVE_KINDS, "gallery"))
     if out is None:
         raise MemplanError("give --out FILE ending in .png or .svg, e.g. --out regimes.png")
     path = plots.check_path(out)
@@ -102,7 +119,8 @@ def figure_data(
     prompt_tokens: int = 20, optimizer: str = "adamw", optimizer_impl: str = "fused",
     checkpointing: bool = False, attention: str = "auto", gpu: str | None = None,
     memory: str | None = None, axis: str = "batch", reserve: str | None = None,
-    report: Path | None = None,
+    report: Path | None = None, dtype: str = "bf16", adapters: int | None = None,
+    max_loras: int = 8, max_lora_rank: int | None = None, max_cpu_loras: int | None = None,
 ) -> Any:
     """The data of the figure `memplan plot KIND` draws with these options (no drawing)."""
     from memplan import plots
@@ -127,6 +145,20 @@ def figure_data(
         return _regimes(plots, params, model, config, model_given, job_options, chosen,
                         as_family)
     job = o.make_job(params, model, config, as_family=as_family, **job_options)
+    if kind == "concurrency":
+        return plots.concurrency_data(job.spec, _device(gpu, memory, kind), dtype, rank,
+                                      max_loras, max_lora_rank,
+                                      reserve_bytes=o.parse_reserve(reserve))
+    if kind == "adapters":
+        if adapters is not None and adapters < 1:
+            raise MemplanError(f"--adapters must be a positive integer, got {adapters}; e.g. "
+                               "--adapters 100")
+        top = adapters or plots.DEFAULT_ADAPTER_COUNTS[-1]
+        counts = [k for k in plots.DEFAULT_ADAPTER_COUNTS if k < top] + [top]
+        device = None if gpu is None and memory is None else _device(gpu, memory, kind)
+        return plots.adapters_data(job.spec, rank, targets, max_loras, max_lora_rank,
+                                   max_cpu_loras, dtype, counts, device,
+                                   o.parse_reserve(reserve))
     if kind == "breakdown":
         return plots.breakdown_data(job.spec, job.train, params=job.params, gpu=gpu, **chosen)
     if kind == "rank":
@@ -202,13 +234,13 @@ def _regimes(plots: Any, params: str | None, model: str | None, config: Path | N
                                                job.params or count_params(job.spec)), **chosen)
 
 
-def _device(gpu: str | None, memory: str | None) -> Any:
+def _device(gpu: str | None, memory: str | None, kind: str = "batch") -> Any:
     """The GPU of a batch plot: a catalogue entry or a bare capacity."""
     from memplan.presets import GpuSpec, get_gpu
     from memplan.units import parse_bytes
 
     if (gpu is None) == (memory is None):
-        raise MemplanError("plot batch needs exactly one of --gpu NAME or --memory SIZE (e.g. "
+        raise MemplanError(f"plot {kind} needs exactly one of --gpu NAME or --memory SIZE (e.g. "
                            "--gpu rtx-4090 or --memory 24GiB)")
     if gpu is not None:
         return get_gpu(gpu)

@@ -46,7 +46,7 @@ def profile(
         "--nproc", help="Shard with FSDP2 over this many ranks: processes on gloo (cpu), one "
         "per GPU on NCCL (cuda), or the fake process group in one process (fake, any number)."
         )] = None,
-    shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
+    shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32", adapters: o.Adapters = 1,
     gpus: Annotated[int | None, typer.Option(
         "--gpus", help="The GPUs planned; with --nproc it must be the same number.")] = None,
     json_out: o.Json = False,
@@ -66,7 +66,8 @@ def profile(
                          classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                          optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                          attention=attention, impl=impl,
-                         lora_backend=lora_backend, shard=shard, param_dtype=param_dtype)
+                         lora_backend=lora_backend, shard=shard, param_dtype=param_dtype,
+                         adapters=adapters)
     except UnprofiledModel as exc:  # no profile: the dry run is the measurement, fake only
         if device not in ("fake", "auto") or nproc not in (None, 1):
             raise MemplanError(f"model_type {exc.cfg.get('model_type')!r} has no profile: "

@@ -21,6 +21,9 @@ def validate(
     sharded: Annotated[bool, typer.Option(
         "--sharded", help="The FSDP2 rows instead: real gloo ranks (cpu) or 7B and 70B over "
         "8 to 1024 fake ranks (fake, which also writes reports/scaling.*).")] = False,
+    serve: Annotated[bool, typer.Option(
+        "--serve", help="The serving rows instead: Hugging Face inference with a KV cache "
+        "(prefill, then decode steps); writes reports/validation-serve-<device>.*")] = False,
     json_out: o.Json = False,
 ) -> None:
     """Profile a matrix of jobs against their plans; write reports/validation-<device>.*"""
@@ -41,6 +44,17 @@ def validate(
     if sharded and impl != "memplan":
         raise MemplanError("--sharded runs memplan's reference models; drop --impl hf")
     device = resolve_device(device)
+    if serve:
+        from memplan.profile.serve_measure import validate_serve
+
+        paths, summary = validate_serve(device, out, quick)
+        if json_out:
+            print_json({"summary": summary, "files": [str(p) for p in paths]})
+        else:
+            typer.echo(f"{summary['rows']} rows; max |error| "
+                       f"{100 * summary['max_abs_error']:.3f}%; wrote "
+                       f"{', '.join(str(p) for p in paths)}")
+        return
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), disable=json_out, transient=False) as bar:
         task = bar.add_task("profiling", total=None)

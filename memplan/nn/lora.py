@@ -12,6 +12,12 @@ unchanged and a base checkpoint loads into the wrapped model; the adapters add
 
 Trainable parameters: M = Σ over targeted matrices of R · (in + out), which is exactly
 :func:`memplan.params.lora_params`.
+
+Several adapters at once (``adapters=K``, K > 1): each wrapped layer holds K adapters, keyed
+``adapter0`` ... ``adapter{K-1}`` in ``lora_A`` and ``lora_B`` ModuleDicts as PEFT keys them
+(state-dict keys ``...q_proj.lora_A.adapter0.weight``), and every sample of the batch goes
+through the adapter its index names (:func:`set_adapter_index`): PEFT's mixed-adapter batch
+(``peft/tuners/lora/layer.py``, ``Linear._mixed_batch_forward``). Trainable: K · M.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +37,19 @@ from memplan.errors import MemplanError
 __all__ = [
     "LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "lora_state_dict",
     "load_lora_state_dict", "save_lora", "load_lora", "get_adapter_params",
+    "set_adapter_index", "adapter_names",
 ]
 
 INITS = ("kaiming", "gaussian")
 ATTENTION_NAMES = ("self_attn", "attn", "attention")
 HEAD_NAMES = ("lm_head", "score", "classifier", "head")
 _BLOCK = re.compile(r"(?:^|\.)\d+\.")  # a ".N." path segment: a block inside a ModuleList
+_ADAPTER_PART = re.compile(r"(?:^|\.)lora_[AB](?:\.|$)")  # inside an adapter: never a target
+
+
+def adapter_names(adapters: int) -> tuple[str, ...]:
+    """The keys of K adapters in ``lora_A`` and ``lora_B``: ``adapter0`` ... ``adapter{K-1}``."""
+    return tuple(f"adapter{k}" for k in range(adapters))
 
 
 class LoRALinear(nn.Module):
@@ -66,17 +80,30 @@ class LoRALinear(nn.Module):
         device: device of the new parameters.
         dtype: dtype of the base weight and bias.
         adapter_dtype: dtype of A and B (default: ``dtype``).
+        adapters: K, the adapters of the layer. K = 1 (default): ``lora_A`` and ``lora_B`` are
+            ``nn.Linear``. K > 1: ModuleDicts of K each (:func:`adapter_names`), all of the same
+            rank, alpha and init, and the forward routes each sample by the index set with
+            :func:`set_adapter_index`.
+
+    Memory of K > 1, per adapter k with rows ``r_k`` of the batch: the gather ``x[r_k]`` (a
+    copy, which A keeps for its gradient, so the layer's input is kept once more in all: every
+    adapted layer keeps its own copy, where one adapter shares x with the base), A's output
+    (kept for B), and ``out.index_put((r_k,), ·, accumulate=True)`` out of place, which keeps
+    only ``r_k`` (torch's IndexPutBackward0; ``index_add`` would keep its source, the adapter's
+    whole output). PEFT writes the last step as ``result[r_k] += ·``, which keeps the same
+    tensors; the out-of-place form avoids the in-place write on the base output (a view of
+    ``addmm``'s result, which autograd would wrap in CopySlices).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
                  bias: bool = True, dropout: float = 0.0, *, init: str = "kaiming",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 adapter_dtype: torch.dtype | None = None) -> None:
+                 adapter_dtype: torch.dtype | None = None, adapters: int = 1) -> None:
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._set_base(base)
         self._init_adapters(rank, alpha, dropout, init, base.weight.device,
-                            adapter_dtype or base.weight.dtype)
+                            adapter_dtype or base.weight.dtype, adapters)
 
     def _set_base(self, linear: nn.Linear) -> None:
         self.in_features = linear.in_features
@@ -85,8 +112,9 @@ class LoRALinear(nn.Module):
         self.bias = linear.bias  # a Parameter or None (registers None as nn.Linear does)
 
     def _init_adapters(self, rank: int, alpha: float, dropout: float, init: str,
-                       device: torch.device, dtype: torch.dtype) -> None:
+                       device: torch.device, dtype: torch.dtype, adapters: int = 1) -> None:
         _check_rank_alpha(rank, alpha)
+        _check_adapters(adapters)
         if rank > min(self.in_features, self.out_features):
             raise MemplanError(
                 f"LoRA rank {rank} is larger than min(in, out) = "
@@ -102,38 +130,71 @@ class LoRALinear(nn.Module):
         self.dropout_p = float(dropout)
         self.init = init
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
+        self.adapters = adapters
+        self._rows: list[tuple[str, torch.Tensor]] | None = None  # set_adapter_index
+        if adapters == 1:
+            self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device,
+                                    dtype=dtype)
+            self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device,
+                                    dtype=dtype)
+        else:
+            names = adapter_names(adapters)
+            self.lora_A = nn.ModuleDict({n: nn.Linear(self.in_features, rank, bias=False,
+                                                      device=device, dtype=dtype)
+                                         for n in names})
+            self.lora_B = nn.ModuleDict({n: nn.Linear(rank, self.out_features, bias=False,
+                                                      device=device, dtype=dtype)
+                                         for n in names})
         self.reset_lora_parameters()
+
+    def adapter_pairs(self) -> list[tuple[str, nn.Linear, nn.Linear]]:
+        """(name, A, B) of every adapter; the name is ``""`` for a single adapter."""
+        if self.adapters == 1:
+            return [("", self.lora_A, self.lora_B)]
+        return [(n, self.lora_A[n], self.lora_B[n]) for n in self.lora_A]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, *,
-                    init: str = "kaiming", adapter_dtype: torch.dtype | None = None
-                    ) -> LoRALinear:
+                    init: str = "kaiming", adapter_dtype: torch.dtype | None = None,
+                    adapters: int = 1) -> LoRALinear:
         """Wrap an existing ``nn.Linear``, reusing its weight and bias Parameters (no copy)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._set_base(linear)
         self._init_adapters(rank, alpha, dropout, init, linear.weight.device,
-                            adapter_dtype or linear.weight.dtype)
+                            adapter_dtype or linear.weight.dtype, adapters)
         return self
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
         """A as chosen by ``init``, B = 0, so the layer equals its base exactly."""
-        if self.init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / self.rank)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        for _, lora_a, lora_b in self.adapter_pairs():
+            if self.init == "gaussian":
+                nn.init.normal_(lora_a.weight, std=1.0 / self.rank)
+            else:
+                nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_b.weight)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter's weight update ``s · B @ A`` (out × in), in fp32."""
+        if self.adapters > 1:
+            raise MemplanError(f"a layer with {self.adapters} adapters has no single weight "
+                               "update to merge; merge a single-adapter model")
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def _adapt(self, lora_a: nn.Linear, lora_b: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``B(A(dropout(x)))`` in x's dtype (casting the adapter weights, not x)."""
+        h = x if self.dropout_p == 0.0 else self.lora_dropout(x)
+        if lora_a.weight.dtype == x.dtype:
+            return lora_b(lora_a(h))
+        # autocast-style: cast the small adapter weights, never the activation
+        return F.linear(F.linear(h, lora_a.weight.to(x.dtype)), lora_b.weight.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``W x + b + s · B(A(dropout(x)))``; see the class docstring for memory and dtypes."""
         out = F.linear(x, self.weight, self.bias)
+        if self.adapters > 1:
+            return self._mixed_forward(x, out)
         h = x if self.dropout_p == 0.0 else self.lora_dropout(x)
         if self.lora_A.weight.dtype == x.dtype:
             adapted = self.lora_B(self.lora_A(h))
@@ -143,10 +204,61 @@ class LoRALinear(nn.Module):
             adapted = F.linear(F.linear(h, a), b)
         return out + adapted * self.scaling
 
+    def _mixed_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each sample through its own adapter: per adapter k present in the index, the rows
+        ``r_k`` of x, ``s · B_k(A_k(x[r_k]))``, added into those rows of the output."""
+        if self._rows is None:
+            raise MemplanError(f"this model has {self.adapters} LoRA adapters per layer; call "
+                               "set_adapter_index(model, index) with one adapter per sample")
+        if sum(len(rows) for _, rows in self._rows) != x.shape[0]:
+            raise MemplanError(f"the adapter index routes {sum(len(r) for _, r in self._rows)} "
+                               f"samples, the batch has {x.shape[0]}; set it for this batch")
+        for name, rows in self._rows:  # one expression: each temporary dies inside it
+            out = out.index_put((rows,), self._adapt(self.lora_A[name], self.lora_B[name],
+                                                     x[rows]) * self.scaling, accumulate=True)
+        return out
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, rank={self.rank}, alpha={self.alpha}, "
-                f"dropout={self.dropout_p}")
+                f"dropout={self.dropout_p}"
+                + (f", adapters={self.adapters}" if self.adapters > 1 else ""))
+
+
+def _check_adapters(adapters: int) -> None:
+    if isinstance(adapters, bool) or not isinstance(adapters, int) or adapters <= 0:
+        raise MemplanError(f"LoRA adapters must be a positive integer, got {adapters!r}; "
+                           "try --adapters 2")
+
+
+def set_adapter_index(model: nn.Module, index: Sequence[int] | torch.Tensor) -> None:
+    """Route sample i of the next batches through adapter ``index[i]`` in every LoRALinear.
+
+    The index is read once here (a list, or a tensor that is not fake) and turned into the
+    rows of each adapter present, int64 tensors on the adapters' device, shared by the layers:
+    the forward then makes no index tensors of its own (PEFT builds them per layer and call).
+
+    Raises:
+        MemplanError: a model without multi-adapter LoRA layers, or an index out of range.
+    """
+    values = index.tolist() if isinstance(index, torch.Tensor) else [int(v) for v in index]
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.adapters > 1]
+    if not layers:
+        raise MemplanError("the model has no layers with several LoRA adapters; call "
+                           "apply_lora(..., adapters=K) with K > 1 first")
+    cache: dict[tuple[torch.device, int], list[tuple[str, torch.Tensor]]] = {}
+    for layer in layers:
+        bad = [v for v in values if not 0 <= v < layer.adapters]
+        if bad or not values:
+            raise MemplanError(f"adapter index {bad[0] if bad else '(empty)'} is not one of "
+                               f"0 to {layer.adapters - 1}; give one adapter per sample")
+        key = (layer.lora_A[adapter_names(1)[0]].weight.device, layer.adapters)
+        if key not in cache:
+            names = adapter_names(layer.adapters)
+            cache[key] = [(names[k], torch.tensor([i for i, v in enumerate(values) if v == k],
+                                                  dtype=torch.int64, device=key[0]))
+                          for k in sorted(set(values))]
+        layer._rows = cache[key]
 
 
 def _check_rank_alpha(rank: int, alpha: float) -> None:
@@ -177,7 +289,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Linear]:
     """
     linears = {n: m for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-               and n.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")}
+               and not _ADAPTER_PART.search(n)}
     in_blocks = {n: m for n, m in linears.items() if _block_relative(n)}
     if in_blocks:
         return in_blocks
@@ -247,7 +359,7 @@ def _output_embedding(model: nn.Module) -> nn.Module | None:
 def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0,
                targets: str | tuple[str, ...] | list[str] = "all",
                train_embeddings: bool = False, dropout: float = 0.0, *, init: str = "kaiming",
-               adapter_dtype: torch.dtype | None = None) -> list[str]:
+               adapter_dtype: torch.dtype | None = None, adapters: int = 1) -> list[str]:
     """Wrap the targeted linear layers in :class:`LoRALinear` and freeze all but the adapters.
 
     After this, ``requires_grad`` is True exactly for every ``lora_A``/``lora_B`` weight and,
@@ -261,6 +373,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0,
         train_embeddings: also train the full input embedding and output head.
         dropout: LoRA dropout. init: ``kaiming`` or ``gaussian`` (see :class:`LoRALinear`).
         adapter_dtype: dtype of A and B (default: each base weight's dtype).
+        adapters: K adapters per layer (see :class:`LoRALinear`; route samples with
+            :func:`set_adapter_index`).
 
     Returns:
         The dotted names of the wrapped modules.
@@ -270,6 +384,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0,
             target that matches no linear layer.
     """
     _check_rank_alpha(rank, alpha)
+    _check_adapters(adapters)
     names = find_targets(model, targets)
     for name in names:
         layer = model.get_submodule(name)
@@ -282,7 +397,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float = 16.0,
     for name in names:
         layer = model.get_submodule(name)
         wrapped = LoRALinear.from_linear(layer, rank, alpha, dropout, init=init,
-                                         adapter_dtype=adapter_dtype)
+                                         adapter_dtype=adapter_dtype, adapters=adapters)
         _set_submodule(model, name, wrapped)
     for param in model.parameters():
         param.requires_grad_(False)
@@ -303,8 +418,10 @@ def get_adapter_params(model: nn.Module) -> dict[str, nn.Parameter]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             prefix = f"{name}." if name else ""
-            out[f"{prefix}lora_A.weight"] = module.lora_A.weight
-            out[f"{prefix}lora_B.weight"] = module.lora_B.weight
+            for key, lora_a, lora_b in module.adapter_pairs():
+                key = f".{key}" if key else ""
+                out[f"{prefix}lora_A{key}.weight"] = lora_a.weight
+                out[f"{prefix}lora_B{key}.weight"] = lora_b.weight
     return out
 
 
@@ -325,6 +442,9 @@ def merge_lora(model: nn.Module) -> list[str]:
     and rounded to W's dtype. Returns the merged module names.
     """
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if any(model.get_submodule(n).adapters > 1 for n in names):
+        raise MemplanError("the model has several LoRA adapters per layer; merge_lora folds "
+                           "one adapter into W, so train and merge each adapter on its own")
     for name in names:
         lora = model.get_submodule(name)
         lora.weight.copy_((lora.weight.float() + lora.delta_weight().to(lora.weight.device))

@@ -241,7 +241,8 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
             optimizer: str = "adamw", impl: str = "fused", lr: float = 1e-3,
             num_classes: int = 2, prompt_tokens: int = 20,
             lora_backend: str = "memplan",
-            shard: Callable[[nn.Module], None] | None = None) -> TrainingSetup:
+            shard: Callable[[nn.Module], None] | None = None,
+            adapters: int = 1) -> TrainingSetup:
     """Apply ``regime`` to ``model`` (in place) and build its optimizer and loss.
 
     Args:
@@ -259,6 +260,9 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
             frozen) and before the optimizer is built, so that a sharding wrapper (FSDP2's
             ``fully_shard``, see :mod:`memplan.profile.distributed`) replaces the parameters
             the optimizer then sees.
+        adapters: K LoRA adapters per targeted layer (``lora``, ``lora-bf16``, memplan's
+            LoRALinear only), one optimizer over all of them, so each adapter has its own
+            states; route the samples with :func:`memplan.nn.lora.set_adapter_index`.
 
     Raises:
         MemplanError: an unknown regime or optimizer, a regime the profiler cannot run here
@@ -270,6 +274,9 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
         raise _cannot_run(regime)
     if optimizer not in OPTIMIZERS:
         raise unknown("optimizer", optimizer, OPTIMIZERS)
+    if adapters != 1 and regime not in ("lora", "lora-bf16"):
+        raise MemplanError(f"--adapters {adapters} trains K LoRA adapters; use --regime lora "
+                           f"or lora-bf16, not {regime}")
     extra: dict[str, nn.Module] = {}
     loss_fn = _lm_loss(model)
 
@@ -283,6 +290,10 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
         if lora_backend == "peft":  # a Hugging Face model, wrapped by PEFT (fp32 adapters)
             from memplan.nn.hf import apply_peft_lora
 
+            if adapters != 1:
+                raise MemplanError(f"--adapters {adapters} runs memplan's LoRALinear only; "
+                                   "drop --lora-backend peft")
+
             # Adapters on the fp32 base, then the base cast down: the state PEFT reaches on a
             # bf16 base, without its Module.to, which cannot swap FakeTensor parameters.
             _freeze(model)
@@ -294,7 +305,8 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
                 cast_floating(model, torch.bfloat16)  # the frozen base; then fp32 adapters
             apply_lora(model, spec.rank, spec.alpha, spec.targets,
                        train_embeddings=spec.train_embeddings,
-                       adapter_dtype=torch.float32 if regime == "lora-bf16" else None)
+                       adapter_dtype=torch.float32 if regime == "lora-bf16" else None,
+                       adapters=adapters)
     elif regime == "classifier":
         extra, loss_fn = _classifier(model, num_classes)
     elif regime == "input-adapter":

@@ -71,6 +71,13 @@ CPU_MATRIX += [(m, kw, SMALL_VOCAB) for m in ("llama-tiny", "gpt2-tiny") for kw 
     ("llama-tiny", dict(regime="lora", batch=4, seq=128, checkpointing=True), {"dropout": 0.1}),
     ("gpt2-tiny", dict(regime="lora", batch=1, seq=256), {"dropout": 0.1}),  # one sequence
 ]
+# Multi-adapter LoRA (issue 16): K adapters on one frozen base, ``batch`` samples each.
+CPU_MATRIX += [(m, kw) for m in ("llama-tiny", "gpt2-tiny") for kw in (
+    dict(regime="lora", batch=2, seq=64, adapters=2),
+    dict(regime="lora", batch=1, seq=128, adapters=4, lora=LoraSpec(rank=4, targets="attention")),
+    dict(regime="lora-bf16", batch=2, seq=64, adapters=2),
+    dict(regime="lora", batch=2, seq=64, adapters=4, checkpointing=True),
+)]
 
 QUICK_MATRIX: list[Row] = [CPU_MATRIX[i] for i in (0, 1, 14, 16, 17, 29, 30, 33, 39)]
 
@@ -89,6 +96,10 @@ FAKE_MATRIX: list[Row] = [
     ("llama-2-7b", dict(regime="classifier", batch=4, seq=1024)),
     ("gpt2", dict(regime="full", batch=2, seq=1024), {"dropout": 0.1}),  # the preset's own
     ("gpt2", dict(regime="full", batch=1, seq=512), {"dropout": 0.1}),
+]
+FAKE_MATRIX += [  # multi-adapter LoRA (issue 16): K = 4 adapters on one 7B base
+    ("llama-2-7b", dict(regime="lora", batch=1, seq=512, adapters=4)),
+    ("llama-2-7b", dict(regime="lora-bf16", batch=1, seq=4096, checkpointing=True, adapters=4)),
 ]
 QUICK_FAKE: list[Row] = FAKE_MATRIX[:2]
 
@@ -185,3 +196,25 @@ def matrix_for(device: str, quick: bool, impl: str = "memplan",
     if device == "fake":
         return QUICK_FAKE if quick else FAKE_MATRIX
     return QUICK_MATRIX if quick else CPU_MATRIX
+
+
+# Serving (issue 16): Hugging Face inference with a DynamicCache, a prefill then decode steps
+# (memplan.profile.serve_measure against memplan.serve.plan_hf_inference). Each row: model,
+# batch, prompt tokens, decode steps, dtype.
+# a serving row: model, batch, prompt, decode steps, dtype, and optionally K resident PEFT
+# adapters of rank R serving a mixed-adapter batch (``adapter_names=``)
+ServeRow = tuple[str, int, int, int, str] | tuple[str, int, int, int, str, int, int]
+SERVE_FAKE_MATRIX: list[ServeRow] = [
+    ("llama-3.2-1b", 8, 1024, 4, "bf16"), ("qwen3-0.6b", 8, 1024, 4, "bf16"),
+    ("gemma-2b", 4, 1024, 4, "bf16"), ("phi-3-mini", 4, 1024, 4, "bf16"),
+    ("mistral-7b", 4, 1024, 4, "bf16"), ("mixtral-tiny", 8, 512, 4, "bf16"),
+    ("pythia-160m", 8, 1024, 4, "bf16"), ("gpt2", 8, 512, 4, "bf16"),
+    ("llama-3.2-1b", 8, 1024, 4, "bf16", 4, 16), ("qwen3-0.6b", 8, 1024, 4, "bf16", 8, 8),
+]
+SERVE_CPU_MATRIX: list[ServeRow] = [
+    ("llama-tiny", 4, 128, 4, "fp32"), ("qwen3-tiny", 4, 128, 4, "fp32"),
+    ("gemma2-tiny", 4, 128, 4, "fp32"), ("phi3-tiny", 4, 128, 4, "fp32"),
+    ("mixtral-tiny", 4, 128, 4, "fp32"), ("gpt_neox-tiny", 4, 128, 4, "fp32"),
+    ("gpt2-tiny", 4, 128, 4, "fp32"), ("llama-tiny", 2, 64, 8, "bf16"),
+    ("llama-tiny", 4, 128, 4, "fp32", 2, 8), ("qwen3-tiny", 4, 64, 4, "bf16", 4, 4),
+]

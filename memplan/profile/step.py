@@ -94,11 +94,16 @@ def measure(spec: ModelSpec, train: TrainSpec, device: str = "cpu", steps: int =
                                 checkpointing=train.checkpointing)
         setup = prepare(model, train.regime, lora=train.lora, optimizer=train.optimizer,
                         impl=train.optimizer_impl, num_classes=train.num_classes,
-                        prompt_tokens=train.prompt_tokens, lora_backend=train.lora_backend)
+                        prompt_tokens=train.prompt_tokens, lora_backend=train.lora_backend,
+                        adapters=train.adapters)
+        if train.adapters > 1:  # K adapters, batch samples each: sample i → adapter i // batch
+            from memplan.nn.lora import set_adapter_index
+
+            set_adapter_index(model, [i // train.batch for i in range(train.step_batch)])
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        ids = torch.randint(spec.vocab_size, (train.batch, train.seq), generator=gen)
-        labels = torch.randint(spec.vocab_size, (train.batch, train.seq), generator=gen)
-        classes = torch.randint(train.num_classes, (train.batch,), generator=gen)
+        ids = torch.randint(spec.vocab_size, (train.step_batch, train.seq), generator=gen)
+        labels = torch.randint(spec.vocab_size, (train.step_batch, train.seq), generator=gen)
+        classes = torch.randint(train.num_classes, (train.step_batch,), generator=gen)
         ids, labels, classes = (t.to(torch_device) for t in (ids, labels, classes))
         setup.train_step(ids, labels, classes)  # warm-up: optimizer states now exist
         setup.zero_grad()

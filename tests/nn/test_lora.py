@@ -383,3 +383,105 @@ def test_lora_really_learns_and_base_is_untouched():
     after = model.state_dict()
     for key, value in base.items():
         assert torch.equal(after[key], value), key
+
+
+# ---- several adapters on one base (issue 16): PEFT's mixed-adapter batch --------------------
+
+def _randomise_b(model: nn.Module, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in get_adapter_params(model).items():
+            if "lora_B" in name.split("."):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def test_multi_adapter_layer_routes_each_sample_to_its_adapter() -> None:
+    from memplan.nn.lora import set_adapter_index
+
+    torch.manual_seed(0)
+    layer = LoRALinear(6, 5, rank=2, alpha=4.0, adapters=3)
+    _randomise_b(layer)
+    x = torch.randn(4, 3, 6)
+    index = [2, 0, 2, 1]
+    set_adapter_index(layer, index)
+    out = layer(x)
+    for i, k in enumerate(index):
+        a, b = layer.lora_A[f"adapter{k}"].weight, layer.lora_B[f"adapter{k}"].weight
+        want = x[i] @ layer.weight.T + layer.bias + (x[i] @ a.T @ b.T) * layer.scaling
+        torch.testing.assert_close(out[i], want)
+
+
+def test_multi_adapter_gradients_reach_only_the_adapters_used() -> None:
+    from memplan.nn.lora import set_adapter_index
+
+    torch.manual_seed(0)
+    layer = LoRALinear(6, 5, rank=2, alpha=4.0, adapters=3)
+    _randomise_b(layer)
+    set_adapter_index(layer, [0, 0, 2])
+    layer(torch.randn(3, 4, 6)).square().sum().backward()
+    assert layer.lora_A["adapter1"].weight.grad is None
+    assert layer.lora_B["adapter1"].weight.grad is None
+    for k in (0, 2):
+        assert layer.lora_A[f"adapter{k}"].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_multi_adapter_model_equals_single_adapter_models(name: str) -> None:
+    from memplan.nn.lora import set_adapter_index
+
+    model = _build(name)
+    apply_lora(model, rank=4, adapters=2)
+    _randomise_b(model)
+    spec = get_model(name)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) \
+        == 2 * P.lora_params(spec, LoraSpec(rank=4))
+    ids = torch.randint(spec.vocab_size, (4, 16), generator=torch.Generator().manual_seed(3))
+    set_adapter_index(model, torch.tensor([0, 1, 1, 0]))
+    mixed = model(ids)
+    mixed = mixed.logits if hasattr(mixed, "logits") else mixed
+    shared = model.state_dict()
+    for k in (0, 1):
+        single = _build(name)
+        apply_lora(single, rank=4)
+        single.load_state_dict({key.replace(f".adapter{k}.", "."): value
+                                for key, value in shared.items()
+                                if ".adapter" not in key or f".adapter{k}." in key})
+        rows = [i for i, v in enumerate([0, 1, 1, 0]) if v == k]
+        want = single(ids[rows])
+        want = want.logits if hasattr(want, "logits") else want
+        torch.testing.assert_close(mixed[rows], want, rtol=1e-4, atol=1e-5)
+
+
+def test_multi_adapter_state_dict_keys_and_round_trip(tmp_path) -> None:
+    model = _build("llama-tiny")
+    apply_lora(model, rank=2, targets="q_proj", adapters=2)
+    _randomise_b(model)
+    keys = set(lora_state_dict(model))
+    assert "model.layers.0.self_attn.q_proj.lora_A.adapter1.weight" in keys
+    assert keys <= set(model.state_dict())
+    save_lora(model, tmp_path / "a.safetensors")
+    other = _build("llama-tiny", seed=5)
+    apply_lora(other, rank=2, targets="q_proj", adapters=2)
+    load_lora(other, tmp_path / "a.safetensors")
+    for key, value in lora_state_dict(model).items():
+        torch.testing.assert_close(lora_state_dict(other)[key], value)
+    assert not [n for n in find_targets(model, "all") if "lora_" in n]  # adapters: no targets
+
+
+def test_multi_adapter_errors() -> None:
+    from memplan.nn.lora import set_adapter_index
+
+    layer = LoRALinear(6, 5, rank=2, alpha=4.0, adapters=2)
+    with pytest.raises(MemplanError, match="set_adapter_index"):
+        layer(torch.randn(2, 3, 6))
+    with pytest.raises(MemplanError, match="adapter index 2"):
+        set_adapter_index(layer, [0, 2])
+    set_adapter_index(layer, [0, 1])
+    with pytest.raises(MemplanError, match="the batch has 3"):
+        layer(torch.randn(3, 3, 6))
+    with pytest.raises(MemplanError, match="merge"):
+        merge_lora(layer)
+    with pytest.raises(MemplanError, match="adapters"):
+        LoRALinear(6, 5, rank=2, alpha=4.0, adapters=0)
+    with pytest.raises(MemplanError, match="no layers with several"):
+        set_adapter_index(LoRALinear(6, 5, rank=2, alpha=4.0), [0])
