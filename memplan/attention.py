@@ -45,7 +45,7 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
         if not rg:
             tape.alloc(lse)
             tape.free(lse)
-        if repeat:
+        if repeat and (nkv > 1 or cache is None):  # a view of the cache frees nothing
             tape.free(k, v)
         return out
 

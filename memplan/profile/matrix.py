@@ -210,6 +210,9 @@ SERVE_FAKE_MATRIX: list[ServeRow] = [
     ("mistral-7b", 4, 1024, 4, "bf16"), ("mixtral-tiny", 8, 512, 4, "bf16"),
     ("pythia-160m", 8, 1024, 4, "bf16"), ("gpt2", 8, 512, 4, "bf16"),
     ("llama-3.2-1b", 8, 1024, 4, "bf16", 4, 16), ("qwen3-0.6b", 8, 1024, 4, "bf16", 8, 8),
+    ("olmo-2-7b", 4, 1024, 4, "bf16"), ("olmoe-1b-7b", 4, 512, 4, "bf16"),
+    ("qwen1.5-moe-a2.7b", 4, 512, 4, "bf16"), ("gemma-2-9b", 2, 1024, 4, "bf16"),
+    ("gemma-3-1b", 4, 1024, 4, "bf16"),
 ]
 SERVE_CPU_MATRIX: list[ServeRow] = [
     ("llama-tiny", 4, 128, 4, "fp32"), ("qwen3-tiny", 4, 128, 4, "fp32"),
@@ -217,4 +220,6 @@ SERVE_CPU_MATRIX: list[ServeRow] = [
     ("mixtral-tiny", 4, 128, 4, "fp32"), ("gpt_neox-tiny", 4, 128, 4, "fp32"),
     ("gpt2-tiny", 4, 128, 4, "fp32"), ("llama-tiny", 2, 64, 8, "bf16"),
     ("llama-tiny", 4, 128, 4, "fp32", 2, 8), ("qwen3-tiny", 4, 64, 4, "bf16", 4, 4),
+    ("olmo2-tiny", 4, 128, 4, "fp32"), ("olmoe-tiny", 4, 128, 4, "fp32"),
+    ("qwen2_moe-tiny", 4, 128, 4, "fp32"),
 ]
