@@ -78,13 +78,9 @@ def advise(
         job_option,
     )
     from memplan.errors import MemplanError, UnprofiledModel
-    from memplan.presets import get_gpu
     from memplan.report import print_json, progress
-    from memplan.units import parse_bytes
 
-    if (gpu is None) == (memory is None):
-        raise MemplanError("give exactly one of --gpu NAME or --memory SIZE (e.g. --gpu "
-                           "rtx-4090 or --memory 24GiB)")
+    capacity, label, gpu_name = o.resolve_device(gpu, memory, "rtx-4090")
     if batch is None or seq is None:
         raise MemplanError("advise plans the whole step: give --batch and --seq (e.g. --batch "
                            "4 --seq 2048)")
@@ -93,12 +89,7 @@ def advise(
     for flag, value in (("--max-gpus", max_gpus), ("--min-seq", min_seq), ("--top", top)):
         if value < 1:
             raise MemplanError(f"{flag} must be at least 1, got {value}")
-    if gpu is not None:
-        device = get_gpu(gpu)
-        capacity, label = device.capacity_bytes, device.label
-        peaks = gpu_peak_flops(device.name)
-    else:
-        capacity, label, peaks = parse_bytes(memory, "--memory"), f"{memory} of memory", {}
+    peaks = gpu_peak_flops(gpu_name) if gpu_name is not None else {}
     try:
         job = o.make_job(params, model, config, as_family=as_family, regime=regime, rank=rank,
                          alpha=alpha, targets=targets, train_embeddings=train_embeddings,

@@ -41,20 +41,11 @@ def fits(
     model states fit", not that the job does. With --gpus G and --shard (or regime zero), the
     GPU is one rank of FSDP over G: rank 0, the fullest.
     """
-    from memplan.errors import MemplanError, UnprofiledModel
+    from memplan.errors import UnprofiledModel
     from memplan.planner import fits as check
-    from memplan.presets import get_gpu
     from memplan.report import print_json
-    from memplan.units import parse_bytes
 
-    if (gpu is None) == (memory is None):
-        raise MemplanError("give exactly one of --gpu NAME or --memory SIZE (e.g. --gpu "
-                           "a100-80gb or --memory 24GiB)")
-    if gpu is not None:
-        device = get_gpu(gpu)
-        capacity, label = device.capacity_bytes, device.label
-    else:
-        capacity, label = parse_bytes(memory, "--memory"), f"{memory} of memory"
+    capacity, label, _ = o.resolve_device(gpu, memory)
     search_only = seq is not None and batch is None
     try:
         job = o.make_job(params, model, config, as_family=as_family,

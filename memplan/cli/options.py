@@ -185,6 +185,21 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
     )
 
 
+def resolve_device(gpu: str | None, memory: str | None, example: str = "a100-80gb"
+                   ) -> tuple[int, str, str | None]:
+    """(capacity bytes, label, catalogue name or None) from exactly one of --gpu, --memory."""
+    from memplan.presets import get_gpu
+    from memplan.units import parse_bytes
+
+    if (gpu is None) == (memory is None):
+        raise MemplanError(f"give exactly one of --gpu NAME or --memory SIZE (e.g. --gpu "
+                           f"{example} or --memory 24GiB)")
+    if gpu is not None:
+        device = get_gpu(gpu)
+        return device.capacity_bytes, device.label, device.name
+    return parse_bytes(memory, "--memory"), f"{memory} of memory", None
+
+
 def parse_reserve(reserve: str | None) -> int:
     """The runtime reserve in bytes (default: the planner's documented assumption)."""
     from memplan.planner import DEFAULT_RESERVE_BYTES

@@ -42,23 +42,17 @@ def scale(
     from rich.markup import escape
 
     from memplan.errors import MemplanError, unknown
-    from memplan.presets import get_gpu
     from memplan.report import console, print_json, scale_table
     from memplan.scaling import DEFAULT_REGIMES, check_scalable
     from memplan.scaling import scale as run
     from memplan.spec import PARAM_DTYPES
-    from memplan.units import format_bytes, parse_bytes
+    from memplan.units import format_bytes
 
-    if (gpu is None) == (memory is None):
-        raise MemplanError("give exactly one of --gpu NAME or --memory SIZE (e.g. --gpu "
-                           "h100-80gb or --memory 80GB)")
+    capacity, label, _ = o.resolve_device(gpu, memory, "h100-80gb")
+    if memory is not None:
+        label = f"{memory} GPUs"
     if shard not in ("full-shard", "shard-grad-op"):
         raise MemplanError(f"--shard must be full-shard or shard-grad-op, got {shard!r}")
-    if gpu is not None:
-        device = get_gpu(gpu)
-        capacity, label = device.capacity_bytes, device.label
-    else:
-        capacity, label = parse_bytes(memory, "--memory"), f"{memory} GPUs"
     regimes = regime or list(DEFAULT_REGIMES)
     for name in regimes:
         check_scalable(name)

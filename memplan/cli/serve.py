@@ -54,20 +54,10 @@ def serve(
     """How many tokens of KV cache fit, how many sequences of --seq, or whether
     --concurrent N of them fit: weights, KV cache pages, one prefill chunk, the sampled
     logits, the reserve (and, with --adapters, vLLM's adapter slots)."""
-    from memplan.errors import MemplanError
-    from memplan.presets import get_gpu
     from memplan.report import print_json
     from memplan.serve import plan_serve
-    from memplan.units import parse_bytes
 
-    if (gpu is None) == (memory is None):
-        raise MemplanError("give exactly one of --gpu NAME or --memory SIZE (e.g. --gpu l4 or "
-                           "--memory 24GiB)")
-    if gpu is not None:
-        device = get_gpu(gpu)
-        capacity, label = device.capacity_bytes, device.label
-    else:
-        capacity, label = parse_bytes(memory, "--memory"), f"{memory} of memory"
+    capacity, label, _ = o.resolve_device(gpu, memory, "l4")
     spec, _, assumed = o.resolve_model(params, model, config, as_family)
     reserve_bytes = o.parse_reserve(reserve)
     lora = None

@@ -1,8 +1,8 @@
 """The scaling report: per-GPU memory against the number of GPUs for a 7B and a 70B model.
 
 Written by ``memplan validate --sharded --device fake`` beside its rows, as
-``reports/scaling.{md,json,png}``: the plan of rank 0 (the fullest) for M = 1 to 1024, the
-notes' 16N/M beside it, the fake-process-group measurements of the validation rows on top,
+``reports/scaling.{md,json,png}``: the plan of rank 0 (the fullest) for G = 1 to 1024 GPUs, the
+notes' 16N/G beside it, the fake-process-group measurements of the validation rows on top,
 and the ZeRO paper's published example (7.5B parameters on 64 GPUs) against memplan's
 accounting of its stages.
 """
@@ -49,7 +49,8 @@ def paper_check() -> list[dict]:
 
 
 def curves(measured: list[dict]) -> dict:
-    """Planned per-GPU bytes by model, regime and M; 16N/M; and the measured points."""
+    """Planned per-GPU bytes by model, regime and GPU count G; 16N/G; and the measured points
+    (JSON keys keep their round-1 names: ``notes_16N_over_M``)."""
     out: dict[str, Any] = {}
     for model in MODELS:
         spec = get_model(model)
@@ -83,12 +84,12 @@ def markdown(data: dict, paper: list[dict], meta: dict) -> str:
              "seq 512 per GPU, fp32 AdamW (zero), the mixed recipe, LoRA r=8 on all linear "
              "layers, and zero and LoRA under FSDP's bf16 policy (`MixedPrecisionPolicy("
              "param_dtype=bf16, reduce_dtype=fp32)`: bf16 gathers, activations and gradients); "
-             "M = 1 is the regime unsharded (in fp32). Measured: the fake process group under "
+             "G = 1 is the regime unsharded (in fp32). Measured: the fake process group under "
              "FakeTensorMode, rank 0, from `reports/validation-fsdp-fake`.", "",
-             "![per-GPU memory against M](scaling.png)", ""]
+             "![per-GPU memory against G](scaling.png)", ""]
     for model, entry in data.items():
         lines += [f"## {model} (N = {entry['N']:,})", "",
-                  "| M | 16N/M | " + " | ".join(f"{v[0]} plan | measured" for v in VARIANTS)
+                  "| G | 16N/G | " + " | ".join(f"{v[0]} plan | measured" for v in VARIANTS)
                   + " |", "|---:|---:|" + "---:|---:|" * len(VARIANTS)]
         for m in GPU_COUNTS:
             cells = [format_bytes(entry["notes_16N_over_M"][m])]
@@ -121,7 +122,7 @@ def figure(data: dict) -> Any:
     for ax, (model, entry) in zip(axes, data.items(), strict=True):
         ms = list(GPU_COUNTS)
         ax.plot(ms, [entry["notes_16N_over_M"][m] / 2**30 for m in ms], "k--", lw=1.2,
-                label="16N/M (the notes)")
+                label="16N/G (the notes)")
         for (regime, _, dtype), color in zip(VARIANTS, COLORS, strict=True):
             ax.plot(ms, [entry["plan"][regime][m] / 2**30 for m in ms], color=color, lw=2,
                     ls="-" if dtype == "fp32" else "-.", label=f"{regime}: plan")
@@ -131,7 +132,7 @@ def figure(data: dict) -> Any:
                         color=color, mfc="none", ms=9, mew=1.8, label=f"{regime}: measured")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("GPUs M")
+        ax.set_xlabel("GPUs G")
         ax.set_ylabel("per-GPU peak (GiB)")
         ax.set_title(f"{model}: batch 1 × seq 512 per GPU")
         ax.grid(True, which="both", alpha=0.3)
