@@ -47,13 +47,7 @@ class Mixtral(MoE):
         return False, False, False
 
     def read_extras(self, keys: Keys) -> tuple[tuple[str, Any], ...]:
-        if keys.has("num_experts") and keys.has("num_local_experts") and \
-                keys.cfg["num_experts"] != keys.cfg["num_local_experts"]:
-            raise ConfigError(f"{keys.where}: num_experts {keys.cfg['num_experts']!r} and "
-                              f"num_local_experts {keys.cfg['num_local_experts']!r} disagree "
-                              "(the first is an alias of the second); keep one")
-        if not keys.has("num_local_experts") and keys.has("num_experts"):
-            keys = Keys(keys.cfg | {"num_local_experts": keys.cfg["num_experts"]}, keys.where)
+        keys = self.with_alias(keys, "num_experts")
         if keys.cfg.get("router_jitter_noise"):
             raise ConfigError(f"{keys.where}: router_jitter_noise "
                               f"{keys.cfg['router_jitter_noise']!r} multiplies the hidden states "

@@ -69,6 +69,19 @@ class MoE(Llama):
         present = {key: value for key, value in cfg.items() if value is not None}
         return super().read(self.defaults | present, name, where)
 
+    def with_alias(self, keys: Keys, alias: str) -> Keys:
+        """``keys`` with ``alias`` read as :attr:`experts_key` (Mixtral's config takes
+        ``num_experts`` for ``num_local_experts``, OLMoE's the reverse); both given and
+        different is one ConfigError naming them."""
+        key = self.experts_key
+        if keys.has(alias) and keys.has(key) and keys.cfg[alias] != keys.cfg[key]:
+            raise ConfigError(f"{keys.where}: {alias} {keys.cfg[alias]!r} and {key} "
+                              f"{keys.cfg[key]!r} disagree (the first is an alias of the "
+                              "second); keep one")
+        if not keys.has(key) and keys.has(alias):
+            return Keys(keys.cfg | {key: keys.cfg[alias]}, keys.where)
+        return keys
+
     def read_moe(self, keys: Keys, expert_size: int) -> dict[str, Any]:
         """The experts' extras, checked against each other (one ConfigError naming the keys)."""
         experts = keys.int(self.experts_key, default=self.default_experts)

@@ -46,13 +46,7 @@ class Olmoe(MoE):
 
 
     def read_extras(self, keys: Keys) -> tuple[tuple[str, Any], ...]:
-        if keys.has("num_experts") and keys.has("num_local_experts") and \
-                keys.cfg["num_experts"] != keys.cfg["num_local_experts"]:
-            raise ConfigError(f"{keys.where}: num_local_experts {keys.cfg['num_local_experts']!r}"
-                              f" and num_experts {keys.cfg['num_experts']!r} disagree (the first "
-                              "is an alias of the second); keep one")
-        if not keys.has("num_experts") and keys.has("num_local_experts"):
-            keys = Keys(keys.cfg | {"num_experts": keys.cfg["num_local_experts"]}, keys.where)
+        keys = self.with_alias(keys, "num_local_experts")
         if keys.has("clip_qkv"):
             raise ConfigError(f"{keys.where}: clip_qkv {keys.cfg['clip_qkv']!r} clamps q, k and "
                               "v in place, which memplan does not plan; set it null")
