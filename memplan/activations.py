@@ -96,7 +96,7 @@ def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fs
     job = Job(spec, train, profile, train.step_batch, train.seq + prompt, compute,
               full=regime in FULL_REGIMES, bitfit=regime == "bitfit",
               targeted={l.name for l in P.check_rank(spec, train.lora)} if lora else set(),
-              runtime=runtime, bf16_policy=bf16_policy)
+              runtime=runtime, bf16_policy=bf16_policy, adapters=train.adapters)
     b, h, v, d, tokens = job.b, spec.hidden_size, spec.vocab_size, job.d, job.tokens
 
     batch = tape.new(2 * b * train.seq, INT64, False)  # input ids and labels
@@ -214,22 +214,20 @@ def plan_inference(spec: ModelSpec, batch: int, seq: int, itemsize: int, sampled
     attention = "sdpa" if "sdpa" in profile.attentions or not hf else "eager"
     train = TrainSpec(regime="lora", batch=batch, seq=seq, impl=impl, attention=attention)
     targeted: set[str] = set()
-    if adapters:
+    if adapters:  # PEFT's mixed batch: the K adapters ride on the Job, not on the TrainSpec,
+        # which refuses PEFT with K > 1 for training
         train = TrainSpec(regime="lora", batch=batch, seq=seq, impl=impl, attention=attention,
                           lora=lora, lora_backend="peft")
-        # TrainSpec refuses PEFT with K > 1 for training; here it routes the inference branch
-        object.__setattr__(train, "adapters", adapters)
         targeted = {layer.name for layer in P.check_rank(spec, lora)}
     # Hugging Face's sdpa mask: called without an attention mask, inference skips it for the
     # is_causal kernel under FakeTensorMode too (measured), as a real CPU run does
     job = Job(spec, train, profile, batch, seq, itemsize, full=False, bitfit=False,
-              targeted=targeted, runtime="cpu" if runtime == "fake" else runtime)
-    if kv_cache is not None:
-        job.__dict__["kv_cache"] = kv_cache
-    if past:  # a decode step: attention reads the ``past`` cached keys and the new ones
-        job.__dict__["kv_len"] = past + seq
-    if hf:  # what a Hugging Face layer's locals keep until it returns (eager's weights...)
-        job.__dict__["block_locals"] = []
+              targeted=targeted, runtime="cpu" if runtime == "fake" else runtime,
+              adapters=adapters or 1, kv_cache=kv_cache,
+              # a decode step: attention reads the ``past`` cached keys and the new ones
+              kv_len=past + seq if past else None,
+              # what a Hugging Face layer's locals keep until it returns (eager's weights...)
+              block_locals=[] if hf else None)
     tape = tape or Tape(dropout_mask_bytes=1 if runtime == "cuda" else None,
                         inplace_accumulation=runtime == "cuda")
     ids = tape.alloc(tape.new(batch * seq, INT64, False))
@@ -243,8 +241,8 @@ def plan_inference(spec: ModelSpec, batch: int, seq: int, itemsize: int, sampled
     for i in range(spec.num_layers):
         x_in, x = x, profile.block(tape, job, x, rope, i)
         if hf:
-            tape.free(*job.__dict__["block_locals"])
-            job.__dict__["block_locals"].clear()
+            tape.free(*job.block_locals)
+            job.block_locals.clear()
         if x_in not in held:
             tape.free(x_in)
     hidden = profile.final_norm(tape, job, x)

@@ -21,7 +21,7 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
     spec, d, b, s = job.spec, job.d, job.b, job.s
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     tokens = b * s
-    cache = job.__dict__.get("kv_cache")  # an inference's KV cache write (plan_inference)
+    cache = job.kv_cache  # an inference's KV cache write (plan_inference)
     if cache is not None:
         k, v = cache(tape, job, q, k, v)
     rg = q.rg or k.rg or v.rg
@@ -56,7 +56,7 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
         return tape.op(out, [(t, t.nbytes if repeat else ALIAS)])
 
     gqa = nkv != nh
-    kv = job.__dict__.get("kv_len", s)  # keys: the cache's and the new tokens (inference)
+    kv = job.kv_len or s  # keys: the cache's and the new tokens (inference)
     n_scores = b * nh * s * kv
     if gqa and not fused:  # repeat_kv rebinds k and v inside attend
         k = copy(k, b * kv * nh * hd, True)
@@ -102,7 +102,7 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
     tape.op(out, [(dropped, dropped.nbytes), (v_r, v_r.nbytes)],
             ([v_r] if dropped.rg else []) + ([dropped] if v_r.rg else []))
     tape.free(*(t for t in (v_r, mask) if t is not v and t is not None), masked)
-    held = job.__dict__.get("block_locals")  # inference: the layer's ``_`` keeps the weights
+    held = job.block_locals  # inference: the layer's ``_`` keeps the weights
     if held is None:
         tape.free(dropped)
     else:

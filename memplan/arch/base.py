@@ -114,6 +114,13 @@ class Job:
     runtime: str = "cuda"
     mask: Sym | None = None  # Hugging Face's materialised attention mask, one per forward
     bf16_policy: bool = False  # FSDP's MixedPrecisionPolicy: every parameter gathered in bf16
+    adapters: int = 1  # LoRA adapters the linears run, each on its share of the batch
+    # An inference (memplan.activations.plan_inference): the KV cache's write, called by every
+    # attention with (tape, job, q, k, v) -> (k, v); the keys a decode step attends to (the
+    # cache's and the new tokens); what a Hugging Face layer's locals keep until it returns.
+    kv_cache: Any = None
+    kv_len: int | None = None
+    block_locals: list[Sym] | None = None
 
     @property
     def hf(self) -> bool:
@@ -213,7 +220,7 @@ class Profile:
         held.append(tape.alloc(tape.new(job.s, INT64, False)))
         if job.train.attention == "eager" or job.runtime == "fake":  # eager: float; sdpa: bool
             itemsize = job.d if job.train.attention == "eager" else 1
-            keys = job.__dict__.get("kv_len", job.s)  # an inference's cache adds keys
+            keys = job.kv_len or job.s  # an inference's cache adds keys
             job.mask = tape.alloc(tape.new(job.b * job.s * keys, itemsize, False))
             held.append(job.mask)
 

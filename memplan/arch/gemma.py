@@ -255,7 +255,7 @@ class Gemma2(Gemma):
         window the sequence reaches (a (1, 1, s, s) storage expanded over the batch)."""
         b, s = job.b, job.s
         if job.train.attention == "eager":  # (B, 1, s, keys): an inference's keys are more
-            return tape.alloc(tape.new(b * s * job.__dict__.get("kv_len", s), job.d, False))
+            return tape.alloc(tape.new(b * s * (job.kv_len or s), job.d, False))
         if job.runtime == "fake":
             return tape.alloc(tape.new(b * s * s, 1, False))
         if kind == SLIDING and s >= job.spec.extra("sliding_window"):

@@ -129,7 +129,7 @@ class GPT2(Profile):
         att = attention(tape, job, q, k, v, fused=True)
         proj = parts.dropout(tape, linear(att, "attn.c_proj"), spec.dropout)
         tape.free(qkv, att, y)  # attn's locals, and its argument ln_1(x)
-        held = job.__dict__.get("block_locals")  # inference: GPT2Block's ``attn_output``
+        held = job.block_locals  # inference: GPT2Block's ``attn_output``
         if held is None:
             x2 = parts.residual(tape, x, proj)
         else:  # local lives until the block returns (training saves what outlives it anyway)

@@ -210,7 +210,7 @@ class MoE(Llama):
             tape.free(vals)
         for w in extra:
             tape.free(w)
-        if job.__dict__.get("block_locals") is not None:  # inference: nothing saved them
+        if job.block_locals is not None:  # inference: nothing saved them
             tape.free(probs)
         return logits, weights, idx
 
@@ -258,7 +258,7 @@ class MoE(Llama):
         gu_w = self.peft_weight(tape, job, e * 2 * i * h, gu_f, e, 2 * rank, h, 2 * i) \
             if gu_peft else None
         up = self.grouped_mm(tape, job, sel, s * 2 * i, e * 2 * i * h, offs, gu_w)
-        if job.__dict__.get("block_locals") is None:
+        if job.block_locals is None:
             tape.free(sel)
         else:  # inference: nothing saves it, and the function's local lives to its return
             locals_.append(sel)

@@ -32,7 +32,7 @@ def block_linear(tape: Tape, job: Job, layers: tuple[LinearShape, ...]) -> Linea
         return ops.linear(tape, inp, layer.out_features, job.tokens, w_rg=job.full,
                           b_rg=(job.full or job.bitfit) and layer.bias, lora_rank=rank,
                           lora_cast=cast, in_features=layer.in_features,
-                          peft=train.lora_backend == "peft", adapters=train.adapters)
+                          peft=train.lora_backend == "peft", adapters=job.adapters)
     return linear
 
 

@@ -102,13 +102,14 @@ class Qwen2Moe(MoE):
         (after the final norm), but no block's argument (checkpoints do not keep it)."""
         super().hf_inputs(tape, job, held)
         itemsize = job.d if job.train.attention == "eager" else 1
-        job.__dict__["sliding_mask"] = tape.alloc(tape.new(job.b * job.s * job.s, itemsize,
-                                                           False))
+        job.sliding_mask = tape.alloc(tape.new(job.b * job.s * job.s, itemsize, False))
 
     def final_norm(self, tape: Tape, job: Job, x: Sym) -> Sym:
         out = super().final_norm(tape, job, x)
-        if "sliding_mask" in job.__dict__:
-            tape.free(job.__dict__.pop("sliding_mask"))
+        mask = getattr(job, "sliding_mask", None)  # set by hf_inputs (Hugging Face's code)
+        if mask is not None:
+            tape.free(mask)
+            job.sliding_mask = None
         return out
 
     def moe_block(self, tape: Tape, job: Job, y: Sym, linear: parts.Linear) -> Sym:
