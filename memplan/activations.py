@@ -25,7 +25,7 @@ from memplan import params as P
 from memplan.arch.base import Job
 from memplan.autograd import FP32, INT64, Moment, NotPeriodic, Sym, Tape
 from memplan.regimes import ModelState
-from memplan.spec import PAPER_STAGES, ModelSpec, TrainSpec
+from memplan.spec import ModelSpec, TrainSpec
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,7 @@ class ActivationPlan:
     forward: Moment           # the largest moment of the forward pass
     backward: Moment          # the largest moment of the backward pass
     notes: tuple[str, ...] = ()
-
-
-FULL_REGIMES = ("full", "mixed", "zero", *PAPER_STAGES)
-LORA_REGIMES = ("lora", "lora-bf16", "qlora")
+    outputs_bytes: int = 0    # the manual loop's kept outputs (logits), live into the step
 
 
 def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
@@ -81,22 +78,32 @@ def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fs
           reuse: bool) -> ActivationPlan:
     """:func:`plan_activations`, walking one copy of identical blocks when ``reuse``."""
     assert train.batch is not None and train.seq is not None
-    regime = train.regime
+    r = train.recipe
     bf16_policy = fsdp is not None and train.param_dtype == "bf16"  # gathered and run in bf16
-    compute = 2 if bf16_policy else state.compute_bytes
+    # torch.autocast (not under FSDP's bf16 policy, which runs everything in bf16 already):
+    # the forward computes in the weights' dtype, its matmuls and attention in autocast's
+    autocast = ops.Autocast(r.compute_itemsize) if r.autocast != "none" and not bf16_policy \
+        else None
+    compute = 2 if bf16_policy else r.weight_itemsize if autocast else state.compute_bytes
     tape = Tape(dropout_mask_bytes=1 if runtime == "cuda" else None,
                 # the mixed recipe's hooks move each gradient out at once, and so do ZeRO-2
                 # and -3 (reduce-scattered bucket by bucket) into their sharded buffers
-                param_grads_temporary=regime in ("mixed", "zero2", "zero3") and fsdp is None,
-                grad_itemsize=compute if regime in PAPER_STAGES or bf16_policy else FP32,
-                inplace_accumulation=runtime == "cuda", fsdp=fsdp)
-    prompt = train.prompt_tokens if regime == "prompt-tuning" else 0
-    lora = regime in LORA_REGIMES
+                param_grads_temporary=(r.notes_mixed or r.stage >= 2) and fsdp is None,
+                # a weight's gradient has its dtype; adapters, heads and prompts are fp32
+                grad_itemsize=compute if r.stage or bf16_policy else
+                r.weight_itemsize if r.full else FP32,
+                inplace_accumulation=runtime == "cuda", fsdp=fsdp,
+                # later micro-batches add their gradients into the earlier ones' (not the
+                # mixed recipe's hooks, whose bf16 buffers stay anyway)
+                accumulating=r.grad_accum > 1 and not r.notes_mixed)
+    prompt = train.prompt_tokens if r.trains == "prompt" else 0
+    lora = r.lora
     profile = arch.profile_of(spec)
     job = Job(spec, train, profile, train.step_batch, train.seq + prompt, compute,
-              full=regime in FULL_REGIMES, bitfit=regime == "bitfit",
+              full=r.full, bitfit=r.bitfit,
               targeted={l.name for l in P.check_rank(spec, train.lora)} if lora else set(),
-              runtime=runtime, bf16_policy=bf16_policy, adapters=train.adapters)
+              runtime=runtime, bf16_policy=bf16_policy, adapters=train.adapters,
+              keep_outputs=r.keeps_outputs, autocast=autocast)
     b, h, v, d, tokens = job.b, spec.hidden_size, spec.vocab_size, job.d, job.tokens
 
     batch = tape.new(2 * b * train.seq, INT64, False)  # input ids and labels
@@ -110,18 +117,18 @@ def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fs
         x = tape.view(x, rg=True)      # output requires grad, so block 0 saves like the rest,
         tape.pin(x)                    # and autograd's AccumulateGrad node keeps it to the end
     target: Sym = tape.view(batch, numel=b * train.seq)
-    if regime == "input-adapter":  # embed(ids) + delta(ids), the delta trains
+    if r.trains == "input-embedding":  # embed(ids) + delta(ids), the delta trains
         delta = ops.embedding(tape, ids, tokens, v, h, d, True)
         base, x = x, ops.add(tape, x, delta)
         tape.free(base, delta)
-    if regime == "prompt-tuning":  # cat(prompt.expand(B, P, h), embed(ids)); labels padded
+    if r.trains == "prompt":  # cat(prompt.expand(B, P, h), embed(ids)); labels padded
         base, x = x, tape.op(tape.new(tokens * h, d, True), [], param_grad=4 * prompt * h)
         tape.free(base)
         target = tape.alloc(tape.new(tokens, INT64, False))
     # Referenced for the whole forward: GPT-2's position ids, Llama's rotary tables, and the
     # input embeddings when they come in as ``inputs_embeds`` (the adapters' regimes) or, in
     # Hugging Face's models, as the body's ``inputs_embeds`` (and GPT-2's position_embeds).
-    held = [x] if job.hf or regime in ("input-adapter", "prompt-tuning") else []
+    held = [x] if job.hf or r.trains in ("input-embedding", "prompt") else []
     x = profile.embed(tape, job, x, held)
     rope = profile.rope_tables(tape, job)
     held += rope
@@ -149,12 +156,28 @@ def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fs
 
     hidden = profile.final_norm(tape, job, x)
     tape.free(x, *held)
-    if regime == "classifier":
+    if r.trains == "head":
         return getattr(profile, "classifier_head", _classifier_head)(tape, job, hidden)
     loss = profile.loss(tape, job, hidden, target, embed_rg and spec.tie_embeddings)
+    if autocast is not None:
+        autocast.exit(tape)
+        loss = _scaled(tape, r.autocast, loss)
     tape.end_forward()
     notes = ("checkpointing: each block is recomputed in backward",) if ckpt else ()
-    return ActivationPlan(tape.forward_peak, tape.backward(loss), notes)
+    return ActivationPlan(tape.forward_peak, tape.backward(loss), notes,
+                          outputs_bytes=sum(t.nbytes for t in job.outputs))
+
+
+def _scaled(tape: Tape, dtype: str, loss: Sym) -> Sym:
+    """fp16 autocast's GradScaler (``torch.amp.GradScaler``): its state (an fp32 scale and an
+    int32 growth tracker, made at the warm-up's first ``scale``) lives through the step, and
+    backward starts from ``scale(loss)``, a scalar product alive until backward returns."""
+    if dtype != "fp16":
+        return loss
+    tape.pin(tape.new(2, FP32, False))
+    scaled = tape.op(tape.new(1, FP32, True), [(loss, loss.nbytes)])
+    tape.pin(scaled)
+    return scaled
 
 
 def ckpt_peft(train: TrainSpec) -> bool:
@@ -162,7 +185,7 @@ def ckpt_peft(train: TrainSpec) -> bool:
     ``enable_input_require_grads``: a forward hook makes the input embeddings' output require
     grad (for reentrant checkpoints), so the first block saves what the others save."""
     return (train.checkpointing and train.lora_backend == "peft"
-            and train.regime in LORA_REGIMES)
+            and train.recipe.lora)
 
 
 def _classifier_head(tape: Tape, job: Job, hidden: Sym) -> ActivationPlan:
@@ -179,8 +202,10 @@ def _classifier_head(tape: Tape, job: Job, hidden: Sym) -> ActivationPlan:
     logits = tape.new(b * c, FP32, True)
     tape.op(logits, [], [last], param_grad=4 * (h * c + c))
     loss = ops.cross_entropy(tape, logits, b, c, labels)
-    tape.free(logits, last, hidden)
-    return ActivationPlan(tape.forward_peak, tape.backward(loss))
+    tape.free(last, hidden)
+    job.release_outputs(tape, logits)
+    return ActivationPlan(tape.forward_peak, tape.backward(loss),
+                          outputs_bytes=sum(t.nbytes for t in job.outputs))
 
 
 def plan_inference(spec: ModelSpec, batch: int, seq: int, itemsize: int, sampled: int,

@@ -18,15 +18,21 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
     ``fused``: q, k and v are column slices of one c_attn output (GPT-2); otherwise (Llama)
     rotated q and k are contiguous and v a transposed view of v_proj's output.
     """
-    spec, d, b, s = job.spec, job.d, job.b, job.s
+    spec, d, b, s = job.spec, job.mm, job.b, job.s
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     tokens = b * s
     cache = job.kv_cache  # an inference's KV cache write (plan_inference)
     if cache is not None:
         k, v = cache(tape, job, q, k, v)
     rg = q.rg or k.rg or v.rg
+    ac = job.autocast
     if job.train.attention != "eager" and spec.dropout > 0 and job.runtime != "cuda":
-        return _sdpa_math(tape, job, q, k, v, fused, rg)
+        if ac is None:
+            return _sdpa_math(tape, job, q, k, v, fused, rg)
+        casts = [ac.operand(tape, t) for t in (q, k, v)]  # sdpa's autocast casts them first
+        out = _sdpa_math(tape, job, *casts, fused, rg)
+        tape.free(*(c for c, t in zip(casts, (q, k, v), strict=True) if c is not t))
+        return out
     if job.train.attention != "eager":
         # Flash kernels (sdpa on CPU and CUDA) keep q, k, v, the output and an fp32
         # logsumexp per head and query; the output's layout makes the (B, T, nh·hd)
@@ -36,12 +42,18 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
             k, v = (tape.op(tape.new(tokens * nh * hd, t.itemsize, t.rg) if nkv > 1 else
                             tape.view(t, numel=tokens * nh * hd), [(t, t.nbytes)])
                     for t in (k, v))
+        originals = (q, k, v)
+        if ac is not None:  # autocast casts each operand of another dtype (rotated q, k)
+            q, k, v = (ac.operand(tape, t) for t in originals)
         out = tape.new(tokens * nh * hd, d, rg)
         lse = tape.new(b * nh * s, FP32, False)
         # sdpa converts a bool mask to the query's dtype on every call, and keeps that copy
         masks = [tape.new(job.mask.numel, d, False)] if job.mask is not None else []
         tape.op(out, [(q, q.nbytes), (k, k.nbytes), (v, v.nbytes)],
                 [q, k, v, out, lse, *masks] if rg else [])
+        if ac is not None:
+            tape.free(*(t for t, o in zip((q, k, v), originals, strict=True) if t is not o))
+            q, k, v = originals
         if not rg:
             tape.alloc(lse)
             tape.free(lse)
@@ -66,6 +78,8 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
     # A single sequence (B = 1) folds (1, nh) into nh with a view: nothing is copied.
     q_r = copy(q, q.numel, False) if fused and b > 1 else q
     k_r = copy(k, k.numel, False) if fused and b > 1 else k
+    if ac is not None:  # matmul's autocast: its own copies of fp32 operands (rotated q, k)
+        q_r, k_r = ac.operand(tape, q_r), ac.operand(tape, k_r)
     scores = tape.new(n_scores, d, rg)
     tape.op(scores, [(q_r, q_r.nbytes), (k_r, k_r.nbytes)],
             ([k_r] if q_r.rg else []) + ([q_r] if k_r.rg else []))
@@ -80,17 +94,22 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
         masked = ops.add(tape, scaled, job.mask)
     else:  # memplan: masked_fill with a bool mask made per call, kept for backward
         mask = tape.alloc(tape.new(s * s, 1, False))
-        masked = tape.new(n_scores, d, rg)
+        masked = tape.new(n_scores, scaled.itemsize if ac is not None else d, rg)
         tape.op(masked, [(scaled, scaled.nbytes)], [mask] if rg else [])
     tape.free(scaled)
     # softmax in fp32 (Llama; GPT-2 in Hugging Face's code: in the scores' dtype)
-    fp32 = not job.hf or job.profile.eager_softmax_fp32
+    # (CUDA's autocast runs softmax in fp32 too: its fp32 list)
+    fp32 = not job.hf or job.profile.eager_softmax_fp32 or job.fp32_list
     x32 = ops.cast(tape, masked, FP32) if fp32 else masked
     probs32 = tape.new(n_scores, x32.itemsize, rg)
     tape.op(probs32, [(x32, x32.nbytes)], [probs32] if rg else [])  # softmax keeps its output
     if x32 is not masked:
         tape.free(x32)
-    probs = ops.cast(tape, probs32, d)
+    # ``.to(q.dtype)`` (Llama; memplan's models), ``.type(value.dtype)`` (HF's GPT-2): the
+    # compute dtype, or under autocast that of q (fp32 once rotated) or of v (a matmul's)
+    to = d if ac is None else q.itemsize if not job.hf or job.profile.eager_softmax_fp32 \
+        else v.itemsize
+    probs = ops.cast(tape, probs32, to)
     if probs is not probs32:
         tape.free(probs32)
     dropped = ops.dropout(tape, probs, spec.dropout)
@@ -98,10 +117,17 @@ def attention(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool) -> Sym:
         tape.free(probs)
     # v: Llama's is a transposed view (copied by the reshape unless repeated); GPT-2's a slice
     v_r = copy(v, b * kv * nh * hd, False) if (fused or not gqa) and b > 1 else v
+    p_r = dropped
+    if ac is not None:  # matmul's autocast: copies of fp32 probabilities (and v)
+        p_r, v_c = ac.operand(tape, dropped), ac.operand(tape, v_r)
+        if v_c is not v_r:
+            tape.free(*([v_r] if v_r is not v else []))
+            v_r = v_c
     out = tape.new(tokens * nh * hd, d, rg)
-    tape.op(out, [(dropped, dropped.nbytes), (v_r, v_r.nbytes)],
-            ([v_r] if dropped.rg else []) + ([dropped] if v_r.rg else []))
-    tape.free(*(t for t in (v_r, mask) if t is not v and t is not None), masked)
+    tape.op(out, [(p_r, p_r.nbytes), (v_r, v_r.nbytes)],
+            ([v_r] if p_r.rg else []) + ([p_r] if v_r.rg else []))
+    tape.free(*(t for t in (v_r, mask) if t is not v and t is not None), masked,
+              *([p_r] if p_r is not dropped else []))
     held = job.block_locals  # inference: the layer's ``_`` keeps the weights
     if held is None:
         tape.free(dropped)
@@ -126,7 +152,7 @@ def _sdpa_math(tape: Tape, job: Any, q: Sym, k: Sym, v: Sym, fused: bool, rg: bo
     and the output comes out (B, nh, s, hd), so the (B, T, nh·hd) reshape copies. CUDA runs a
     fused kernel instead (no s² tensor kept).
     """
-    d, b, s = job.d, job.b, job.s
+    d, b, s = job.mm, job.b, job.s
     nh, nkv = job.spec.num_heads, job.spec.num_kv_heads
     n_scores = b * nh * s * s
     repeated = []

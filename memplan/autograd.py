@@ -206,6 +206,10 @@ class Tape:
     ``inplace_accumulation``: autograd adds a second gradient into an unshared first one in
     place (``InputBuffer::accumulate``); under any TorchDispatchMode (memory trackers,
     FakeTensorMode) ``at::isTensorSubclassLike`` is true and every sum is out of place.
+    ``accumulating``: a later micro-batch of gradient accumulation: every parameter's
+    ``.grad`` exists already (the planner counts it), and each new gradient is added into it
+    in place (``AccumulateGrad`` with grad mode off: ``variable_grad += new_grad``, under a
+    dispatch mode too, measured) and then freed.
     ``fsdp``: a :class:`memplan.fsdp.Schedule` whose buffers join every moment; the forward
     marks the blocks (:meth:`enter_block`, :meth:`exit_block`) and the backward fires the
     units' pre- and post-backward at their boundaries.
@@ -215,6 +219,7 @@ class Tape:
     param_grads_temporary: bool = False
     grad_itemsize: int = FP32  # of parameter gradients (fp16 in the ZeRO paper's stages)
     inplace_accumulation: bool = True
+    accumulating: bool = False
     saved: dict[int, int] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=list)
     pinned: set[int] = field(default_factory=set)
@@ -576,6 +581,8 @@ class Tape:
             check(node.scratch + missing)
             if self.param_grads_temporary and fsdp is None:
                 params -= grad_p
+            elif self.accumulating and fsdp is None:
+                params -= grad_p  # added into .grad in place (grad mode is off), then freed
             for g in incoming:
                 release(g)
             for st in saved_by[index]:

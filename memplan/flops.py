@@ -42,9 +42,6 @@ from dataclasses import dataclass
 from memplan import params as P
 from memplan.spec import ModelSpec, TrainSpec
 
-FULL = ("full", "mixed", "zero", "zero1", "zero2", "zero3")
-LORA = ("lora", "lora-bf16", "qlora")
-
 
 @dataclass(frozen=True)
 class Flops:
@@ -95,28 +92,29 @@ def flops_per_token(spec: ModelSpec, train: TrainSpec, params: int | None = None
     # Bind the symbols.
     block, head = _matmul_params(spec)
     layers = spec.num_layers
-    if train.regime == "classifier":  # a new head on the last hidden state, no LM head
+    r = train.recipe
+    if r.trains == "head":  # a new head on the last hidden state, no LM head
         head = P.classifier_params(spec, train.num_classes) - train.num_classes
     blocks = layers * block
     if params:
         blocks, head = (x * params // P.count_params(spec) for x in (blocks, head))
     n_mm = blocks + head
-    lora = train.regime in LORA
+    lora = r.lora
     m = P.lora_params(spec, train.lora) if lora else 0
-    t = (train.seq or 0) + (train.prompt_tokens if train.regime == "prompt-tuning" else 0)
+    t = (train.seq or 0) + (train.prompt_tokens if r.trains == "prompt" else 0)
     attention = layers * spec.num_heads * spec.head_dim * t  # L·H·Q·T
-    through_blocks = train.regime != "classifier"
+    through_blocks = r.trains != "head"
 
     # Forward: 2 FLOPs per weight per token, and attention's two matmuls.
     forward = 2 * (n_mm + m) + 4 * attention
     # Backward, activations' gradients: the forward's matmuls again, attention's twice.
     backward_inputs = 2 * (n_mm + m) + 8 * attention if through_blocks else 0
     # Backward, weights' gradients: only what trains.
-    if train.regime in FULL:
+    if r.full:
         trained = n_mm
     elif lora:
         trained = m + (head if train.lora.train_embeddings else 0)
-    elif train.regime == "classifier":
+    elif r.trains == "head":
         trained = head
     else:  # bitfit, prompt-tuning, input-adapter: sums and scatters
         trained = 0

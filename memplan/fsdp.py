@@ -39,19 +39,20 @@ from memplan import optimizer as O
 from memplan import params as P
 from memplan.arch.base import Weight
 from memplan.errors import MemplanError
-from memplan.spec import PAPER_STAGES, ModelSpec, TrainSpec
+from memplan.spec import REGIMES, ModelSpec, TrainSpec
 
 STRATEGIES = ("full-shard", "shard-grad-op")
-# Regimes whose trainable parameters all live inside the model, so FSDP shards and syncs them.
-# Heads, input adapters and prompts held outside it are not; QLoRA's NF4 base is
-# bitsandbytes' own storage, not planned sharded here.
-SHARDABLE_REGIMES = ("zero", "full", "mixed", "lora", "lora-bf16", "bitfit")
+# Regimes whose trainable parameters all live inside the model, so FSDP shards and syncs them
+# (:attr:`memplan.recipe.Recipe.shardable`). Heads, input adapters and prompts held outside
+# it are not; QLoRA's NF4 base is bitsandbytes' own storage, not planned sharded here.
+SHARDABLE_REGIMES = tuple(name for name in REGIMES
+                          if TrainSpec(regime=name).recipe.shardable)
 
 
 def is_sharded(train: TrainSpec) -> bool:
     """Whether the job is planned per rank of FSDP: regime ``zero``, or any shardable regime
     with ``shard`` set, over ``train.gpus`` > 1 ranks (one GPU shards nothing)."""
-    return train.gpus > 1 and (train.regime == "zero" or train.shard != "none")
+    return train.gpus > 1 and (train.recipe.fsdp or train.shard != "none")
 
 
 def strategy(train: TrainSpec) -> str:
@@ -65,15 +66,15 @@ def check_shardable(train: TrainSpec) -> None:
         if train.gpus < 2:
             raise MemplanError("--param-dtype bf16 is FSDP's mixed-precision policy: it needs "
                                "--gpus 2 or more (and --nproc 2 or more to profile it)")
-        if train.shard == "none" and train.regime != "zero":
+        if train.shard == "none" and not train.recipe.fsdp:
             raise MemplanError("--param-dtype bf16 is FSDP's mixed-precision policy: add "
                                "--shard full-shard (or use regime zero) over --gpus 2 or more")
-        if train.regime == "mixed":
+        if train.recipe.notes_mixed:
             raise MemplanError("regime mixed is the notes' own bf16 recipe; with FSDP's bf16 "
                                "policy use regime zero (or full) instead")
-    if train.shard != "none" and train.regime not in SHARDABLE_REGIMES:
+    if train.shard != "none" and not train.recipe.shardable:
         what = "the ZeRO paper's stages are sharded already; drop --shard" \
-            if train.regime in PAPER_STAGES else \
+            if train.recipe.stage else \
             "its trainable parameters live outside the model, which FSDP would not sync"
         raise MemplanError(f"regime {train.regime!r} cannot be sharded with FSDP: {what}; "
                            f"shardable regimes: {', '.join(SHARDABLE_REGIMES)}")
@@ -153,11 +154,9 @@ def _params(weights: tuple[Weight, ...], itemsize: int, train_w: bool, train_b: 
 
 def units(spec: ModelSpec, train: TrainSpec) -> tuple[Unit, Unit]:
     """(root, block) units of the model under ``train.regime``, from its inventory."""
-    regime = train.regime
-    full = regime in ("zero", "full", "mixed")
-    bitfit = regime == "bitfit"
-    lora = regime in ("lora", "lora-bf16")
-    itemsize = 2 if regime == "lora-bf16" else 4
+    r = train.recipe
+    full, bitfit, lora = r.full, r.bitfit, r.lora
+    itemsize = r.weight_itemsize
     targeted = {l.name for l in P.check_rank(spec, train.lora)} if lora else set()
     block = _params(P.block_weights(spec), itemsize, full, full or bitfit, targeted,
                     train.lora.rank)
@@ -193,14 +192,12 @@ def rank_states(spec: ModelSpec, train: TrainSpec, m: int, rank: int) -> RankSta
     every = [*root.params, *block.params * spec.num_layers]
     trainable = [p for p in every if p.trainable]
     local = [(p, p.local(m, rank)) for p in trainable]
-    mixed = train.regime == "mixed"
+    mixed = train.recipe.notes_mixed
     opt = train.optimizer
-    if mixed:  # MixedAdamW: bf16 m and fp32 v, bf16 gradient buffers
-        states = sum(n for _, n in local) * O.STATE_BYTES_MIXED[opt]
-        counters = 0
-    else:  # torch.optim keeps its states in the parameter's dtype
-        states = sum(O.STATE_BYTES_FP32[opt] // 4 * n * p.itemsize for p, n in local)
-        counters = O.STEP_COUNTER_BYTES * len(trainable) if opt == "adamw" else 0
+    # MixedAdamW: bf16 m and fp32 v, bf16 gradient buffers; torch.optim keeps its states in
+    # the parameter's dtype
+    states = O.state_bytes(train, [O.TrainTensor((n,), p.itemsize) for p, n in local])
+    counters = O.STEP_COUNTER_BYTES * len(trainable) if opt == "adamw" and not mixed else 0
     temps = O.step_temporaries(train, sum(n * p.itemsize for p, n in local),
                                max((n for _, n in local), default=0),
                                max((n * p.itemsize for p, n in local), default=0))
@@ -363,7 +360,7 @@ def schedule(spec: ModelSpec, train: TrainSpec, m: int) -> Schedule:
     bf16 = train.param_dtype == "bf16"
     return Schedule(root, block, spec.num_layers, m,
                     reshard_after_forward=strategy(train) == "full-shard",
-                    mixed=train.regime == "mixed", param_itemsize=BF16 if bf16 else None,
+                    mixed=train.recipe.notes_mixed, param_itemsize=BF16 if bf16 else None,
                     reduce_itemsize=FP32 if bf16 else None)
 
 

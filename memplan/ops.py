@@ -9,12 +9,62 @@ backward allocates. Where a backward allocates more than the gradients it return
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from memplan.autograd import ALIAS, FP32, Sym, Tape
+
+
+@dataclass
+class Autocast:
+    """``torch.autocast`` over the forward and the loss (``aten/src/ATen/autocast_mode.cpp``).
+
+    Its lower-precision ops (linear, matmul, addmm, sdpa...) run in ``itemsize`` (bf16 or
+    fp16): every floating operand of another dtype is cast by its own copy first, and the
+    output has the autocast dtype. Everything else runs in its inputs' dtype, so fp32 weights
+    keep the residual stream, norms and rotary products in fp32. The copies:
+
+    - an activation (:meth:`operand`): a fresh copy per op, never cached; the op saves the
+      copy where it saves its input, and the original is no longer saved by it;
+    - a trainable fp32 leaf (:meth:`weight`): one cached copy per parameter, held by the cast
+      cache (:attr:`cache`) until the outermost autocast exits, and beyond iff an op saved it;
+      its ToCopyBackward turns the copy's gradient into the fp32 ``.grad``;
+    - a frozen parameter: a fresh copy per use, saved iff the op's other operand requires
+      grad, else dropped with the op.
+    """
+
+    itemsize: int
+    cache: list[Sym] = field(default_factory=list)
+
+    def operand(self, tape: Tape, t: Sym) -> Sym:
+        """``t`` as a lower-precision op reads it: itself in the autocast dtype, else a copy
+        (its backward casts the gradient back to t's dtype)."""
+        return t if t.itemsize == self.itemsize else unary(tape, t, False, self.itemsize)
+
+    def weight(self, tape: Tape, numel: int, itemsize: int, trainable: bool,
+               tied: bool = False) -> Sym | None:
+        """A parameter of ``itemsize`` as a lower-precision op reads it: None when it has the
+        autocast dtype (the op reads the parameter itself), else its copy: cached (the fp32
+        gradient of ``4·numel`` made by the copy's backward) for a trainable one, fresh for a
+        frozen one (the caller drops it after the op)."""
+        if itemsize == self.itemsize:
+            return None
+        if not trainable:
+            return tape.alloc(tape.new(numel, self.itemsize, False))
+        copy = tape.op(tape.new(numel, self.itemsize, True), [], param_grad=4 * numel,
+                       tied=tied)
+        self.cache.append(copy)
+        return copy
+
+    def exit(self, tape: Tape) -> None:
+        """The outermost autocast exits: the cast cache lets go of its copies."""
+        tape.free(*self.cache)
+        self.cache.clear()
 
 
 def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg: bool = False,
            lora_rank: int = 0, lora_cast: bool = False, in_features: int = 0,
-           tied: bool = False, peft: bool = False, adapters: int = 1) -> Sym:
+           tied: bool = False, peft: bool = False, adapters: int = 1,
+           ac: Autocast | None = None, bias: bool = False, weight_itemsize: int = FP32) -> Sym:
     """``x W^T + b`` (grad_W needs x), plus LoRA's ``s·B(A(x))`` when ranked.
 
     LoRA's branch: A's and B's weights train, so x and A's rank-R output are kept. On a bf16
@@ -22,8 +72,15 @@ def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg:
     a gradient); PEFT (``peft``) casts x up to its fp32 adapters instead, adds in fp32 and
     casts the sum back. ``adapters`` K > 1: K adapters, each on its own equal share of the
     batch (:func:`_mixed_lora`).
+
+    ``ac``: under autocast (:class:`Autocast`), the base weight stored in ``weight_itemsize``
+    (its bias, if ``bias``, too), and LoRA's fp32 adapters, are cast as autocast casts them
+    (:func:`autocast_linear`).
     """
     in_features = in_features or x.numel // tokens
+    if ac is not None and adapters == 1:
+        return _autocast_lora(tape, ac, x, out_features, tokens, w_rg, b_rg, lora_rank,
+                              in_features, tied, peft, bias, weight_itemsize)
     base = tape.new(tokens * out_features, x.itemsize, x.rg or w_rg or b_rg)
     tape.op(base, [(x, x.nbytes)], [x] if w_rg else [],
             param_grad=4 * in_features * out_features * w_rg + 4 * out_features * b_rg,
@@ -49,6 +106,63 @@ def linear(tape: Tape, x: Sym, out_features: int, tokens: int, w_rg: bool, b_rg:
     scaled = tape.op(tape.new(bo.numel, x.itemsize, True), [(bo, bo.nbytes)])
     out = add(tape, base, scaled)  # ``out + adapted * s``: base and B's output are locals
     tape.free(base, bo, scaled)
+    return out
+
+
+def autocast_linear(tape: Tape, ac: Autocast, x: Sym, in_features: int, out_features: int,
+                     tokens: int, w_rg: bool, b_rg: bool = False, bias: bool = False,
+                     itemsize: int = FP32, tied: bool = False) -> Sym:
+    """``linear(x, W, b)`` under autocast: x, W and b cast (:class:`Autocast`), the output in
+    the autocast dtype. mm saves x's copy iff W trains and W's copy iff x requires grad;
+    addmm never saves the bias (its gradient is a sum of the incoming one)."""
+    xc = ac.operand(tape, x)
+    wc = ac.weight(tape, in_features * out_features, itemsize, w_rg, tied)
+    bc = ac.weight(tape, out_features, itemsize, b_rg) if bias or b_rg else None
+    out = tape.new(tokens * out_features, ac.itemsize, x.rg or w_rg or b_rg)
+    saves = ([xc] if w_rg else []) + ([wc] if x.rg and wc is not None else [])
+    tape.op(out, [(t, t.nbytes) for t in (xc, wc, bc) if t is not None], saves,
+            param_grad=4 * in_features * out_features * (w_rg and wc is None)
+            + 4 * out_features * (b_rg and bc is None), tied=tied and wc is None)
+    tape.free(*(t for t in (wc, bc) if t is not None and not t.rg),
+              *([xc] if xc is not x else []))
+    return out
+
+
+def _autocast_lora(tape: Tape, ac: Autocast, x: Sym, out_features: int, tokens: int,
+                   w_rg: bool, b_rg: bool, rank: int, in_features: int, tied: bool, peft: bool,
+                   bias: bool, itemsize: int) -> Sym:
+    """:func:`linear` under autocast, LoRA's branch on its fp32 adapters included.
+
+    memplan's LoRALinear: on an fp32 input, ``lora_B(lora_A(x))``, two autocast linears (A
+    copies x again for itself, A's and B's weights are cached); on an input in the autocast
+    dtype, the explicit per-forward casts of A and B (as on a 16-bit base, unchanged by
+    autocast). PEFT: ``x.to(fp32)`` (a copy of a 16-bit input, dropped once the branch has
+    run), then A and B as autocast linears, the branch's output in the autocast dtype.
+    """
+    base = autocast_linear(tape, ac, x, in_features, out_features, tokens, w_rg, b_rg, bias,
+                            itemsize, tied)
+    if not rank:
+        return base
+    if not peft and x.itemsize == ac.itemsize:
+        saves_a = [x] + ([tape.new(rank * in_features, x.itemsize, True)] if x.rg else [])
+        a = tape.op(tape.new(tokens * rank, x.itemsize, True), [(x, x.nbytes)], saves_a,
+                    param_grad=4 * rank * in_features)
+        cast_b = tape.new(rank * out_features, x.itemsize, True)
+        bo = tape.op(tape.new(tokens * out_features, x.itemsize, True), [(a, a.nbytes)],
+                     [a, cast_b], param_grad=4 * rank * out_features)
+        tape.free(a, *saves_a[1:], cast_b)
+    else:
+        xa = cast(tape, x, FP32) if peft else x
+        a = autocast_linear(tape, ac, xa, in_features, rank, tokens, True)
+        bo = autocast_linear(tape, ac, a, rank, out_features, tokens, True)
+        tape.free(a)
+    scaled = tape.op(tape.new(bo.numel, bo.itemsize, True), [(bo, bo.nbytes)])
+    if peft:  # ``lora_B(...) * scaling`` inside the sum: B's output is a temporary
+        tape.free(bo)
+    out = add(tape, base, scaled)
+    tape.free(base, bo, scaled)
+    if peft and xa is not x:  # PEFT's rebound x lives until the layer returns
+        tape.free(xa)
     return out
 
 
@@ -194,11 +308,20 @@ def rmsnorm(tape: Tape, x: Sym, tokens: int, hidden: int, w_rg: bool) -> Sym:
     return out
 
 
-def layernorm(tape: Tape, x: Sym, tokens: int, hidden: int, w_rg: bool) -> Sym:
-    """native_layer_norm saves its input and the fp32 mean and rstd per token."""
-    out = tape.new(x.numel, x.itemsize, x.rg or w_rg)
-    saves = [x, tape.new(tokens, FP32, False), tape.new(tokens, FP32, False)] if out.rg else []
-    return tape.op(out, [(x, x.nbytes)], saves, param_grad=2 * 4 * hidden * w_rg)
+def layernorm(tape: Tape, x: Sym, tokens: int, hidden: int, w_rg: bool,
+              upcast: bool = False) -> Sym:
+    """native_layer_norm saves its input and the fp32 mean and rstd per token.
+
+    ``upcast``: CUDA's autocast (layer_norm on its fp32 list) runs it on an fp32 copy of a
+    16-bit input, which it saves instead, and returns fp32."""
+    x32 = cast(tape, x, FP32) if upcast else x
+    out = tape.new(x.numel, x32.itemsize, x.rg or w_rg)
+    saves = [x32, tape.new(tokens, FP32, False), tape.new(tokens, FP32, False)] \
+        if out.rg else []
+    tape.op(out, [(x32, x32.nbytes)], saves, param_grad=2 * 4 * hidden * w_rg)
+    if x32 is not x:
+        tape.free(x32)
+    return out
 
 
 def cross_entropy(tape: Tape, logits: Sym, tokens: int, vocab: int, target: Sym | None) -> Sym:

@@ -69,6 +69,16 @@ def param_tensor_sizes(spec: ModelSpec) -> list[int]:
     return early + spec.num_layers * block_tensor_sizes(spec) + late
 
 
+def trainable_weights(spec: ModelSpec, biases_only: bool = False) -> list[Weight]:
+    """Every parameter tensor of the model (or every bias), tied weights once, in
+    :func:`param_tensor_sizes`'s order: the root's embeddings, the blocks, the rest."""
+    root = root_weights(spec)
+    early = [w for w in root if w.group in ("embedding", "position")]
+    late = [w for w in root if w.group not in ("embedding", "position")]
+    every = early + spec.num_layers * list(block_weights(spec)) + late
+    return [w for w in every if w.bias] if biases_only else every
+
+
 def count_params(spec: ModelSpec) -> int:
     """N: every parameter of the model, tied weights counted once."""
     return sum(param_tensor_sizes(spec))

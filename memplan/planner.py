@@ -27,8 +27,9 @@ from memplan import fsdp as F
 from memplan import optimizer as O
 from memplan import params as P
 from memplan.errors import MemplanError
+from memplan.recipe import Recipe
 from memplan.regimes import ModelState, model_state
-from memplan.spec import PAPER_STAGES, ModelSpec, TrainSpec
+from memplan.spec import ModelSpec, TrainSpec
 
 COMPONENTS = ("weights", "gradients", "optimizer_states", "master_weights", "activations",
               "temporaries")
@@ -102,29 +103,37 @@ def _plan(spec: ModelSpec, train: TrainSpec, params: int | None, runtime: str,
     states = {"weights": state.weights_bytes + P.buffer_bytes(spec),
               "optimizer_states": state.optimizer_states_bytes + O.step_counter_bytes(spec, train),
               "master_weights": state.master_weights_bytes}
-    step_tmp = O.step_temporary_bytes(spec, train, _trainable_param_bytes(state),
-                                      _largest_itemsize(state))
+    r = train.recipe
+    step_tmp = O.step_temporary_bytes(spec, train, _trainable_param_bytes(r, state),
+                                      _largest_itemsize(state), runtime)
     # The mixed recipe keeps its bf16 gradient buffers for good, and each fp32 gradient lives
     # only until its hook moves it; every other regime frees gradients at
     # zero_grad(set_to_none=True) before the forward.
-    mixed = train.regime == "mixed"
     # ZeRO-2 and -3 reduce-scatter each gradient bucket into a sharded buffer that stays.
-    persistent_grads = state.gradients_bytes if mixed or train.regime in ("zero2", "zero3") \
-        else 0
+    # With gradient accumulation, the micro-batches after the first run their forward and
+    # backward beside the gradients of the earlier ones: every .grad exists (the peak of the
+    # cycle; the first micro-batch's moments are never larger).
+    persistent_grads = state.gradients_bytes \
+        if r.notes_mixed or r.stage >= 2 or r.grad_accum > 1 else 0
     gather = _zero3_gather_bytes(spec, train)
     phases = {"step": _phase(**states, gradients=state.gradients_bytes, temporaries=step_tmp)}
-    notes: list[str] = []
+    notes: list[str] = [n for n in (O.paged_note(spec, train, runtime),) if n]
     if train.has_activations:
         act = A.plan_activations(spec, train, state, runtime)
+        # the manual loop's outputs: the previous step's through this forward (replaced when
+        # it returns), this step's through backward (on the tape) and the step
+        kept = act.outputs_bytes
+        phases["step"]["activations"] += kept
         states_w = states | {"weights": states["weights"] + gather}
         phases["forward"] = _phase(**states_w, gradients=persistent_grads,
-                                   activations=act.forward.activations,
+                                   activations=act.forward.activations + kept,
                                    temporaries=act.forward.temporaries)
         moment = act.backward
         phases["backward"] = _phase(**states_w, gradients=persistent_grads + moment.gradients,
                                     activations=moment.activations,
                                     temporaries=moment.temporaries)
         notes.extend(act.notes)
+        notes.append(_loop_note(r, kept))
         if gather:
             notes.append("zero3: two blocks gathered in fp16 (the one computing and the one "
                          "prefetched), DeepSpeed's pattern; not measured by memplan")
@@ -140,10 +149,20 @@ def _plan(spec: ModelSpec, train: TrainSpec, params: int | None, runtime: str,
     )
 
 
+def _loop_note(r: Recipe, kept: int) -> str:
+    """What the plan assumed of the training loop."""
+    if r.keeps_outputs:
+        from memplan.units import format_bytes
+
+        return (f"loop: manual (the model's outputs, {format_bytes(kept)}, stay referenced "
+                "through backward and the step; --loop trainer drops them)")
+    return "loop: trainer (the outputs are dropped before backward)"
+
+
 def _zero3_gather_bytes(spec: ModelSpec, train: TrainSpec) -> int:
     """ZeRO-3 (the paper's stage, DeepSpeed) gathers each module's fp16 parameters as it
     computes and prefetches the next: two of the largest unit, a block or the embeddings."""
-    if train.regime != "zero3" or train.gpus == 1:
+    if train.recipe.stage != 3 or train.gpus == 1:
         return 0
     largest = max(P.block_params(spec), P.embedding_params(spec))
     return 2 * 2 * largest
@@ -172,13 +191,17 @@ def _plan_sharded(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime:
     notes = [f"per GPU: rank {rank} of {m}, FSDP {how} (each block one unit, the root last)"]
     if train.has_activations:
         act = A.plan_activations(spec, train, state, runtime, fsdp=sched)
+        kept = act.outputs_bytes  # the manual loop's outputs (see _plan)
+        phases["step"]["activations"] += kept
         for name, moment in (("forward", act.forward), ("backward", act.backward)):
             phases[name] = _phase(weights=states["weights"] + moment.weights,
                                   optimizer_states=states["optimizer_states"],
                                   gradients=rs.persistent_grads + moment.gradients,
-                                  activations=moment.activations,
+                                  activations=moment.activations
+                                  + (kept if name == "forward" else 0),
                                   temporaries=moment.temporaries)
         notes.extend(act.notes)
+        notes.append(_loop_note(train.recipe, kept))
     else:
         weights, grads = F.replay(sched)
         phases["gather"] = _phase(weights=states["weights"] + weights,
@@ -187,30 +210,31 @@ def _plan_sharded(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime:
         notes.append("activations excluded: give --batch and --seq to plan them")
     peak_phase = max(phases, key=lambda name: sum(phases[name].values()))
     components = phases[peak_phase]
-    formula = state.formula if train.regime == "zero" else f"({state.formula}) ÷ {m} GPUs"
-    symbols = {k: v for k, v in state.symbols.items() if not (k == "M" and train.regime == "zero")}
+    zero = train.recipe.fsdp  # the notes' zero: its formula is per GPU already
+    formula = state.formula if zero else f"({state.formula}) ÷ {m} GPUs"
+    symbols = {k: v for k, v in state.symbols.items() if not (k == "M" and zero)}
     return Breakdown(
         regime=train.regime, formula=formula, total_bytes=sum(components.values()),
         components=components, peak_phase=peak_phase, phases=phases,
         # the notes' formula: 16N/M for zero, the regime's model states over M otherwise
-        model_state_bytes=state.total_bytes if train.regime == "zero" else state.total_bytes // m,
+        model_state_bytes=state.total_bytes if zero else state.total_bytes // m,
         symbols=symbols | {"GPUs": m}, activations_included=train.has_activations,
         notes=tuple(notes))
 
 
 def _largest_itemsize(state: ModelState) -> int:
     """Bytes per element of the trainable tensors: fp32 unless existing bf16 ones train."""
-    return 4 if state.new_params or state.compute_bytes == 4 else state.compute_bytes
+    return 4 if state.new_params else state.weight_itemsize
 
 
-def _trainable_param_bytes(state: ModelState) -> int:
+def _trainable_param_bytes(r: Recipe, state: ModelState) -> int:
     """Bytes of the trainable parameters themselves, in their own dtype."""
-    if state.regime in PAPER_STAGES:
+    if r.stage:
         return state.master_weights_bytes  # the optimizer steps the fp32 master shard
-    if state.regime in ("full", "mixed", "zero"):
+    if r.full:
         return state.weights_bytes
     new = 4 * state.new_params
-    return new + state.compute_bytes * (state.trainable - state.new_params)
+    return new + state.weight_itemsize * (state.trainable - state.new_params)
 
 
 @dataclass(frozen=True)

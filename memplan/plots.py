@@ -29,13 +29,14 @@ from typing import Any
 from memplan.errors import MemplanError
 from memplan.planner import COMPONENTS, DEFAULT_RESERVE_BYTES, max_batch, plan
 from memplan.presets import GpuSpec, get_gpu, gpus
-from memplan.spec import NOTES_REGIMES, LoraSpec, ModelSpec, TrainSpec
+from memplan.recipe import preset
+from memplan.spec import NOTES_REGIMES, REGIMES, LoraSpec, ModelSpec, TrainSpec
 from memplan.units import format_count, gib
 
 FORMATS = (".png", ".svg")
 # The notes' six regimes, then the two LoRA variants users reach for on small cards.
 PLOT_REGIMES = (*NOTES_REGIMES, "lora-bf16", "qlora")
-LORA_REGIMES = ("lora", "lora-bf16", "qlora")
+LORA_REGIMES = tuple(name for name in REGIMES if preset(name).lora)
 # One line per common capacity class: 16 GB, 24 GB, 40 GB, 80 GB, 141 GB.
 COMMON_GPUS = ("t4", "rtx-4090", "a100-40gb", "h100-80gb", "h200")
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -68,9 +69,10 @@ def _job_text(train: TrainSpec) -> str:
 
 def _regime_label(regime: str, formula: str, train: TrainSpec) -> str:
     """The legend entry: the regime, the notes' formula, and what its symbols were."""
-    if regime == "zero":
+    r = replace(train, regime=regime).recipe
+    if r.fsdp:
         return f"zero: {formula}, G = {train.gpus} GPUs"
-    if regime in LORA_REGIMES:
+    if r.lora:
         return f"{regime}: {formula}, rank {train.lora.rank} on {_targets(train.lora)}"
     return f"{regime}: {formula}"
 
@@ -343,7 +345,7 @@ def rank_data(spec: ModelSpec, train: TrainSpec, ranks: Sequence[int] = DEFAULT_
     """The data of :func:`rank_figure` (the same arguments), planned but not drawn."""
     from memplan.params import lora_params, resolve_targets
 
-    if regime not in LORA_REGIMES:
+    if not replace(train, regime=regime).recipe.lora:
         raise MemplanError(f"a rank plot needs a LoRA regime ({', '.join(LORA_REGIMES)}), "
                            f"got {regime!r}")
     sets = list(target_sets or DEFAULT_TARGET_SETS)

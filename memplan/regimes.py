@@ -14,6 +14,11 @@ al. 2023), bitfit (biases only, Ben Zaken et al. 2022: 4N + 12B), prompt-tuning 
 vectors, Lester et al. 2021) and ZeRO stages 1-3 in the ZeRO paper's mixed-precision accounting
 (Rajbhandari et al. 2020, section 3.1: fp16 params 2Ψ, fp16 grads 2Ψ, optimizer states KΨ with
 K = 12: fp32 master weights, momentum and variance).
+
+These are the regimes' own choices. A job's other choices (:mod:`memplan.recipe`) move the
+bytes term by term: the weights' dtype (``--dtype bf16`` with ``full``: 2N + 2N + 4N = 8N),
+the optimizer's state (:mod:`memplan.optimizer`: 8-bit AdamW's uint8 moments, Adafactor's
+factored ones), read from the resolved recipe, never from the regime's name.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan import arch
+from memplan import optimizer as O
 from memplan import params as P
 from memplan.errors import MemplanError
 from memplan.fsdp import check_shardable
-from memplan.optimizer import STATE_BYTES_FP32, STATE_BYTES_MIXED
 from memplan.spec import ModelSpec, TrainSpec
 
 # QLoRA's NF4 storage (Dettmers et al. 2023, QLoRA, section 3): 4-bit codes, one 8-bit absmax
@@ -40,7 +45,8 @@ class ModelState:
 
     ``trainable`` is the count of trainable elements, ``new_params`` how many of them were added
     to the model (adapters, heads), ``grad_bytes`` the bytes per trainable element of its
-    gradient, ``weight_dtype_bytes`` the bytes per element the frozen weights compute in.
+    gradient, ``compute_bytes`` the bytes per element the forward computes in (the autocast
+    dtype under autocast), ``weight_itemsize`` those the model's weights are stored in.
     """
 
     regime: str
@@ -53,6 +59,7 @@ class ModelState:
     new_params: int
     grad_bytes: int
     compute_bytes: int
+    weight_itemsize: int
     backprop_backbone: bool
     symbols: dict[str, int]
 
@@ -84,30 +91,28 @@ def qlora_base_bytes(spec: ModelSpec) -> int:
 
 def trainable_count(spec: ModelSpec, train: TrainSpec, params: int | None = None
                     ) -> tuple[int, int, str]:
-    """(trainable elements, of which newly added, symbol) for a regime; ``params`` overrides N."""
+    """(trainable elements, of which newly added, symbol) of a job; ``params`` overrides N."""
     n = params or P.count_params(spec)
-    regime = train.regime
-    if regime in ("full", "mixed", "zero", "zero1", "zero2", "zero3"):
+    trains = train.recipe.trains
+    if trains == "all":
         return n, 0, "N"
-    if regime in ("lora", "lora-bf16", "qlora"):
+    if trains == "lora":
         m = P.lora_params(spec, train.lora) * train.adapters  # K adapters of M each
         return m + P.lora_embedding_params(spec, train.lora), m, "M"
-    if regime == "classifier":
+    if trains == "head":
         c = P.classifier_params(spec, train.num_classes)
         return c, c, "C"
-    if regime == "input-adapter":
+    if trains == "input-embedding":
         e = P.embedding_params(spec)
         return e, e, "E"
-    if regime == "prompt-tuning":
+    if trains == "prompt":
         p = P.prompt_params(spec, train.prompt_tokens)
         return p, p, "P"
-    if regime == "bitfit":
-        b = P.bias_params(spec)
-        if b == 0:
-            raise MemplanError(f"{spec.name} has no bias parameters, so bitfit trains nothing; "
-                               "pick another regime such as lora")
-        return b, 0, "B"
-    raise MemplanError(f"unknown regime {regime!r}")
+    b = P.bias_params(spec)
+    if b == 0:
+        raise MemplanError(f"{spec.name} has no bias parameters, so bitfit trains nothing; "
+                           "pick another regime such as lora")
+    return b, 0, "B"
 
 
 def check_job(spec: ModelSpec, train: TrainSpec) -> None:
@@ -122,22 +127,24 @@ def check_job(spec: ModelSpec, train: TrainSpec) -> None:
     profile = arch.profile_of(spec)
     profile.check(spec, train)
     if (train.impl == "hf" and profile.conv1d and train.lora_backend == "memplan"
-            and train.regime in ("lora", "lora-bf16", "qlora")):
+            and train.recipe.lora):
         raise MemplanError("Hugging Face GPT-2 uses Conv1D layers, which memplan's LoRALinear "
                            "does not wrap; use " + ("--impl memplan" if train.adapters > 1
                                                     else "--lora-backend peft"))
 
 
 def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) -> ModelState:
-    """The model-state bytes of ``train.regime`` on ``spec``, per GPU.
+    """The model-state bytes of the job on ``spec``, per GPU.
 
-    ``params`` overrides N (``estimate --params``); the shape still gives M, C, E and B.
+    ``params`` overrides N (``estimate --params``); the shape still gives M, C, E and B, and
+    the optimizer state of N elements is the shape's scaled to N.
     """
     check_job(spec, train)
-    n = params or P.count_params(spec)
+    r = train.recipe
+    count = P.count_params(spec)
+    n = params or count
     trainable, new, sym = trainable_count(spec, train, n)
     gpus = train.gpus
-    opt = train.optimizer
     symbols = {"N": n, sym: trainable}
     if train.adapters > 1:  # K adapters of M each (spec.py refuses embeddings beside them)
         symbols |= {"M": trainable // train.adapters, "K": train.adapters}
@@ -145,56 +152,53 @@ def model_state(spec: ModelSpec, train: TrainSpec, params: int | None = None) ->
     if new and sym == "M" and trainable != new:
         symbols["M"] = new
         symbols["E"] = trainable - new  # the embeddings trained beside the adapters
+    tensors = O.trainable_tensors(spec, train)
+    states = O.state_bytes(train, tensors)
+    w = r.weight_itemsize
+    compute = r.compute_itemsize
 
-    regime = train.regime
-    if regime in ("full", "zero"):
-        s = STATE_BYTES_FP32[opt]
-        shard = gpus if regime == "zero" else 1
-        formula = f"{_coef(8 + s)}N" + ("/G" if regime == "zero" else "")
-        return ModelState(regime, formula, 4 * n // shard, 4 * n // shard, s * n // shard, 0,
-                          trainable, 0, 4, 4, True,
-                          symbols | ({"M": gpus, "G": gpus} if shard > 1 else {}))
-    if regime == "mixed":
-        s = STATE_BYTES_MIXED[opt]
-        return ModelState(regime, f"{_coef(6 + s)}N", 4 * n, 2 * n, s * n, 0, trainable, 0, 2,
-                          4, True, symbols)
-    if regime in ("zero1", "zero2", "zero3"):
-        if opt != "adamw":
-            raise MemplanError(f"{regime} follows the ZeRO paper's Adam accounting; "
-                               "use --optimizer adamw")
-        stage = int(regime[-1])
-        w = 2 * n // (gpus if stage >= 3 else 1)
+    if r.stage:  # the ZeRO paper: fp16 weights and grads, fp32 masters, m and v
+        stage = r.stage
+        wb = 2 * n // (gpus if stage >= 3 else 1)
         g = 2 * n // (gpus if stage >= 2 else 1)
         master, states = 4 * n // gpus, 8 * n // gpus
         formula = {1: "2N + 2N + 12N/G", 2: "2N + 14N/G", 3: "16N/G"}[stage]
-        return ModelState(regime, formula, w, g, states, master, trainable, 0, 2, 2, True,
+        return ModelState(r.regime, formula, wb, g, states, master, trainable, 0, 2, 2, 2, True,
                           symbols | {"M": gpus, "G": gpus})  # "M": the old key, kept
+    if r.full:
+        if params:
+            states = states * n // count
+        g = 2 if r.notes_mixed else w  # the notes' bf16 gradient buffers; else .grad
+        shard = gpus if r.fsdp else 1
+        formula = f"{_coef(w + g + O.state_coefficient(train, w))}N" + ("/G" if r.fsdp else "")
+        formula += O.state_formula_term(train)
+        return ModelState(r.regime, formula, w * n // shard, g * n // shard, states // shard,
+                          0, trainable, 0, g, compute, w, True,
+                          symbols | ({"M": gpus, "G": gpus} if shard > 1 else {}))
 
     # Frozen base, a small trainable set. New parameters (adapters, heads, prompts) are fp32 with
     # fp32 grads and states; existing ones that train (LoRA's embeddings, BitFit's biases) keep
     # the base's dtype, and torch.optim keeps their states in that dtype too.
-    s = STATE_BYTES_FP32[opt]
-    if regime == "lora-bf16":
-        base, compute = 2 * n, 2
-    elif regime == "qlora":
-        base, compute = qlora_base_bytes(spec) * n // P.count_params(spec), 2
+    if r.nf4:
+        base = qlora_base_bytes(spec) * n // count
     else:
-        base, compute = 4 * n, 4
+        base = w * n
     existing = trainable - new
     base_text = f"{base / n:.4g}N"
     if new:
-        formula = f"{base_text} + {_coef(4 + 4 + s)}{sym}"
+        formula = f"{base_text} + {_coef(4 + 4 + O.state_coefficient(train, 4))}{sym}"
         if existing:
-            formula += f" + {_coef(compute + compute * s // 4)}E"
+            formula += f" + {_coef(w + O.state_coefficient(train, w))}E"
     else:
-        formula = f"{base_text} + {_coef(compute + compute * s // 4)}{sym}"
+        formula = f"{base_text} + {_coef(w + O.state_coefficient(train, w))}{sym}"
+    formula += O.state_formula_term(train)
     return ModelState(
-        regime, formula,
+        r.regime, formula,
         weights_bytes=base + 4 * new,
-        gradients_bytes=4 * new + compute * existing,
-        optimizer_states_bytes=s * new + (compute * s // 4) * existing,
+        gradients_bytes=4 * new + w * existing,
+        optimizer_states_bytes=states,
         master_weights_bytes=0,
         trainable=trainable, new_params=new, grad_bytes=4, compute_bytes=compute,
-        backprop_backbone=regime != "classifier",
+        weight_itemsize=w, backprop_backbone=r.trains != "head",
         symbols=symbols,
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from memplan.errors import MemplanError
 from memplan.fsdp import SHARDABLE_REGIMES
 from memplan.planner import Breakdown, plan
+from memplan.recipe import preset
 from memplan.spec import MAX_JOB_SIZE, PAPER_STAGES, ModelSpec, TrainSpec
 
 SCALABLE_REGIMES = SHARDABLE_REGIMES + PAPER_STAGES
@@ -57,11 +58,11 @@ def per_gpu(spec: ModelSpec, train: TrainSpec, regime: str, gpus: int,
     """The plan of the fullest GPU of ``regime`` over ``gpus`` GPUs (FSDP's bf16 policy with
     ``param_dtype="bf16"``, for the FSDP regimes other than the notes' mixed recipe)."""
     check_scalable(regime)
-    if regime in PAPER_STAGES:
+    if preset(regime).stage:
         return plan(spec, replace(train, regime=regime, gpus=gpus, shard="none"))
     if gpus == 1:
         return plan(spec, replace(train, regime=regime, gpus=1, shard="none"))
-    dtype = "fp32" if regime == "mixed" else param_dtype
+    dtype = "fp32" if preset(regime).notes_mixed else param_dtype
     return plan(spec, replace(train, regime=regime, gpus=gpus, shard=shard, param_dtype=dtype))
 
 

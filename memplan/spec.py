@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from memplan.errors import MemplanError
+from memplan.recipe import PRESETS, Recipe, resolve
 
-REGIMES = (
-    "full", "mixed", "zero", "lora", "classifier", "input-adapter",  # the six of the notes
-    "lora-bf16", "qlora", "bitfit", "prompt-tuning", "zero1", "zero2", "zero3",
-)
+# the six of the notes first, then lora-bf16, qlora, bitfit, prompt-tuning, zero1-3
+REGIMES = tuple(PRESETS)
 NOTES_REGIMES = REGIMES[:6]
-PAPER_STAGES = ("zero1", "zero2", "zero3")  # the ZeRO paper's mixed-precision accounting
+PAPER_STAGES = tuple(n for n, p in PRESETS.items() if p.stage)  # the ZeRO paper's accounting
 DRY_RUN_REGIMES = ("full", "lora", "lora-bf16")  # measured on a model type with no profile
-OPTIMIZERS = ("adamw", "sgd", "sgd-momentum")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd", "sgd-momentum")
 OPTIMIZER_IMPLS = ("fused", "foreach", "forloop")
 ATTENTIONS = ("sdpa", "eager", "flash")
 # Upper bound of the job's sizes (batch, seq, GPUs, classes, prompt tokens): no real job comes
@@ -143,6 +143,12 @@ class TrainSpec:
     everything on every GPU (data parallel). One GPU shards nothing. ``param_dtype="bf16"``
     is FSDP's ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: parameters are
     gathered, computed with and differentiated in bf16; gradients are reduced in fp32.
+
+    The job's other choices (:mod:`memplan.recipe` resolves them, with the regime, into
+    :attr:`recipe`): ``dtype`` the weights are stored in (None: the regime's own), ``autocast``
+    over the forward and loss, ``optimizer`` and ``optimizer_impl``, ``grad_accum`` K
+    micro-batches per step, and the ``loop``: ``manual`` keeps the model's outputs through
+    backward and the step (the larger, so the default), ``trainer`` drops them.
     """
 
     regime: str = "full"
@@ -161,6 +167,10 @@ class TrainSpec:
     shard: str = "none"
     param_dtype: str = "fp32"
     adapters: int = 1
+    dtype: str | None = None
+    autocast: str = "none"
+    grad_accum: int = 1
+    loop: str = "manual"
 
     def __post_init__(self) -> None:
         checks = (
@@ -191,6 +201,13 @@ class TrainSpec:
         if (self.batch is None) != (self.seq is None):
             raise MemplanError("give both --batch and --seq to plan activations, or neither")
         _check_adapters(self)
+        self.__dict__["recipe"] = resolve(self)
+
+    @cached_property
+    def recipe(self) -> Recipe:
+        """The job resolved into what trains, in which dtypes, with which optimizer state
+        (:func:`memplan.recipe.resolve`, run once when the spec is made)."""
+        return resolve(self)
 
     @property
     def step_batch(self) -> int | None:

@@ -34,8 +34,8 @@ APP = load_commands()
 GROUP = typer.main.get_command(APP)
 COMMANDS = tuple(GROUP.commands)
 SCALE = float(os.environ.get("MEMPLAN_FUZZ_SCALE", "1"))
-CASES = {"estimate": 1400, "fits": 1100, "gpus": 150, "models": 150, "profile": 300,
-         "validate": 80, "plot": 200, "scale": 300, "advise": 400, "serve": 400}
+CASES = {"estimate": 1400, "fits": 1100, "gpus": 150, "models": 150, "recipes": 300,
+         "profile": 300, "validate": 80, "plot": 200, "scale": 300, "advise": 400, "serve": 400}
 HEAVY = ("profile", "validate", "plot")  # commands whose valid cases run models or draw
 EXIT_ONE = ("fits", "profile", "advise", "serve")  # exit 1 is their "does not fit"
 COUNT = {"cases": 0}  # reported by test_fuzz_counts
@@ -139,6 +139,9 @@ def pools(command: str, name: str, files: dict[str, str]) -> tuple[list[str], li
         "shard": ((["full-shard", "shard-grad-op"] if command == "scale" else list(SHARDS)),
                   ["x", "", "FULL", "none" if command == "scale" else "zero"]),
         "param_dtype": (["fp32", "bf16"], ["fp16", "", "BF16"]),
+        "autocast": (["none", "bf16", "fp16"], ["fp8", "", "BF16"]),
+        "grad_accum": (["1", "2", "4"], INT_BAD),
+        "loop": (["manual", "trainer"], ["", "hf", "MANUAL"]),
         "max_gpus": (["8", "64", "1024"], INT_BAD),
         "per_node": (["1", "4", "8"], INT_BAD),
         "kind": (["regimes", "breakdown", "rank", "batch", "validation"],

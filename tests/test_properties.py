@@ -100,14 +100,34 @@ def jobs(draw, regimes=REGIMES, activations: bool | None = None):
     with_act = draw(st.booleans()) if activations is None else activations
     batch = draw(st.integers(1, 4)) if with_act else None
     seq = draw(st.integers(1, 128)) if with_act else None
+    preset = TrainSpec(regime=regime).recipe
+    if preset.notes_mixed and optimizer not in ("adamw", "sgd", "sgd-momentum"):
+        optimizer = "adamw"  # the notes' recipe has its own AdamW and SGD
+    library = optimizer in ("adamw-8bit", "paged-adamw-8bit", "adafactor")  # one impl, no FSDP
+    gpus = draw(st.integers(1, 8))
+    shard = draw(st.sampled_from(SHARDS)) if regime in SHARDABLE_REGIMES and not library \
+        else "none"
+    if library and preset.fsdp:
+        gpus = 1
+    sharded = bool(preset.stage) or (gpus > 1 and (preset.fsdp or shard != "none"))
+    # the weights' dtype where the regime leaves it open, and autocast where it combines
+    dtype = draw(st.sampled_from((None, "fp32", "bf16"))) \
+        if preset.trains in ("all", "lora", "biases") and preset.dtype == "fp32" \
+        and not (preset.notes_mixed or preset.fsdp) else None
+    weights = dtype or preset.dtype
+    autocast = draw(st.sampled_from(("none", "bf16"))) \
+        if not (preset.notes_mixed or preset.stage) and weights in ("fp32", "bf16") \
+        and not (weights == "bf16" and preset.full) else "none"
     train = TrainSpec(
         regime=regime, batch=batch, seq=seq,
         lora=LoraSpec(rank=rank, targets=targets, train_embeddings=draw(st.booleans())),
         num_classes=draw(st.integers(1, 16)), prompt_tokens=draw(st.integers(1, 16)),
-        gpus=draw(st.integers(1, 8)), optimizer=optimizer,
-        optimizer_impl=draw(st.sampled_from(OPTIMIZER_IMPLS)),
+        gpus=gpus, optimizer=optimizer,
+        optimizer_impl="fused" if library else draw(st.sampled_from(OPTIMIZER_IMPLS)),
         checkpointing=draw(st.booleans()), attention=draw(st.sampled_from(ATTENTIONS)),
-        shard=draw(st.sampled_from(SHARDS)) if regime in SHARDABLE_REGIMES else "none",
+        shard=shard, dtype=dtype, autocast=autocast,
+        grad_accum=1 if sharded else draw(st.integers(1, 4)),
+        loop=draw(st.sampled_from(("manual", "trainer"))),
     )
     return spec, train
 
@@ -189,7 +209,7 @@ def test_zero_on_one_gpu_is_full(job, runtime) -> None:
     assert one.components == full.components
     assert one.phases == full.phases
     assert one.model_state_bytes == full.model_state_bytes
-    assert one.formula.removesuffix("/G") == full.formula
+    assert one.formula.replace("/G", "") == full.formula
 
 
 @SETTINGS
@@ -211,6 +231,8 @@ def test_fsdp_shards_never_grow_with_more_gpus(job, gpus) -> None:
     from memplan.fsdp import rank_states
 
     spec, train = job
+    # FSDP steps torch.optim's optimizers (8-bit AdamW and Adafactor are refused sharded)
+    assume(train.optimizer in ("adamw", "sgd", "sgd-momentum"))
     few = rank_states(spec, train, gpus, 0)
     many = rank_states(spec, train, gpus + 1, 0)
     for field in ("weights", "optimizer_states", "persistent_grads", "sharded_grads"):

@@ -16,7 +16,7 @@ the profile; nothing outside :mod:`memplan.arch` asks which family a model is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from memplan.autograd import FP32, INT64
@@ -121,6 +121,25 @@ class Job:
     kv_cache: Any = None
     kv_len: int | None = None
     block_locals: list[Sym] | None = None
+    # The manual loop: what the model returns beside the loss (its logits) stays referenced
+    # by the caller through backward and the step; collected here instead of freed.
+    keep_outputs: bool = False
+    outputs: list[Sym] = field(default_factory=list)
+    # torch.autocast over the forward and the loss (memplan.ops.Autocast), or None. ``d``
+    # stays the dtype of the weights and of what the non-autocast ops compute in (the
+    # embeddings, the residual stream, the norms); :attr:`mm` is what matmuls and attention
+    # produce.
+    autocast: Any = None
+
+    def release_outputs(self, tape: Tape, *syms: Sym) -> None:
+        """The model's outputs once the loss is computed: freed (the Trainer's loop drops
+        them), or kept to the end of the step (a hand-written loop's ``out``)."""
+        if self.keep_outputs:
+            self.outputs.extend(syms)
+            for sym in syms:  # referenced by the caller: never freed by the backward walk
+                tape.pin(sym)
+        else:
+            tape.free(*syms)
 
     @property
     def hf(self) -> bool:
@@ -131,6 +150,19 @@ class Job:
     @property
     def tokens(self) -> int:
         return self.b * self.s
+
+    @property
+    def mm(self) -> int:
+        """Bytes per element of what matmuls and attention produce: the autocast dtype's
+        under autocast, else ``d``."""
+        return self.autocast.itemsize if self.autocast is not None else self.d
+
+    @property
+    def fp32_list(self) -> bool:
+        """CUDA's autocast runs its fp32 list (layer_norm, softmax, pow, rsqrt...) in fp32,
+        casting a 16-bit input up; the CPU's list lacks them (and so fake tensors on the
+        CPU): a difference only where such an op sees a 16-bit input (a 16-bit base)."""
+        return self.autocast is not None and self.runtime == "cuda"
 
 
 class Profile:
@@ -264,9 +296,9 @@ class Profile:
         from memplan import ops
 
         spec, train = job.spec, job.train
-        embed_rg = job.full or (train.regime in ("lora", "lora-bf16", "qlora")
-                                and train.lora.train_embeddings)
-        raw = ops.linear(tape, hidden, spec.vocab_size, job.tokens, w_rg=embed_rg, tied=tied)
+        embed_rg = job.full or (train.recipe.lora and train.lora.train_embeddings)
+        raw = ops.linear(tape, hidden, spec.vocab_size, job.tokens, w_rg=embed_rg, tied=tied,
+                         ac=job.autocast, weight_itemsize=job.d)
         tape.free(hidden)
         logits = self.logits(tape, job, raw)
         if logits is not raw:
@@ -279,5 +311,5 @@ class Profile:
             tape.free(padded, target, *([x32] if x32 is not logits else []))
         else:
             loss = ops.cross_entropy(tape, logits, job.tokens, spec.vocab_size, target)
-        tape.free(logits)
+        job.release_outputs(tape, logits)
         return loss

@@ -131,10 +131,10 @@ class Bert(Profile):
         if train.regime != "classifier" and train.num_classes != labels:
             raise MemplanError(f"--classes {train.num_classes} contradicts {spec.name}'s head "
                                f"of num_labels {labels}; set num_labels in its config.json")
-        if labels < 2 and train.regime != "classifier":
+        if labels < 2 and train.recipe.trains != "head":
             raise MemplanError(f"{spec.name} has num_labels 1 (a regression head, MSE loss), "
                                "which memplan does not plan; use num_labels 2 or more")
-        if train.regime in ("lora", "lora-bf16", "qlora") and train.lora.train_embeddings:
+        if train.recipe.lora and train.lora.train_embeddings:
             raise MemplanError(f"{spec.name} is a sequence classifier with no LM head; "
                                "drop --train-embeddings")
 
@@ -359,9 +359,9 @@ class Bert(Profile):
     def head_linear(self, tape: Tape, job: Job) -> Any:
         """``linear(x, name)`` for the root's linears, LoRA included when targeted."""
         targeted = {layer.name for layer in self.root_lora_linears(job.spec, job.train.lora)} \
-            if job.train.regime in ("lora", "lora-bf16", "qlora") else set()
+            if job.train.recipe.lora else set()
         by_name = {layer.name: layer for layer in self.head_linears(job.spec)}
-        cast = job.d != FP32 and job.train.regime in ("lora-bf16", "qlora")
+        cast = job.d != FP32 and job.train.recipe.sixteen_bit_base
 
         def linear(x: Sym, name: str) -> Sym:
             layer = by_name[name]
@@ -409,7 +409,8 @@ class Bert(Profile):
         weight = tape.new(1, logits.itemsize, False)
         loss = tape.new(1, logits.itemsize, logp.rg)
         tape.op(loss, [(logp, logp.nbytes)], [weight])
-        tape.free(logp, logits, hidden)
+        tape.free(logp, hidden)
+        job.release_outputs(tape, logits)
         return loss
 
     def classifier_head(self, tape: Tape, job: Job, hidden: Sym) -> ActivationPlan:

@@ -149,7 +149,7 @@ class Gemma(Llama):
     def embed(self, tape: Tape, job: Job, x: Sym, held: list[Sym]) -> Sym:
         """``embed_tokens(ids) * embed_scale``: a new tensor, the body's ``inputs_embeds``
         (the regimes that pass inputs_embeds in call the embedding module themselves)."""
-        if job.train.regime in ("input-adapter", "prompt-tuning"):
+        if job.train.recipe.trains in ("input-embedding", "prompt"):
             return x
         out = tape.op(tape.new(x.numel, x.itemsize, x.rg), [(x, x.nbytes)])  # saves a 0-d
         held[:] = [out if t is x else t for t in held]

@@ -114,7 +114,8 @@ class GPT2(Profile):
         return [job.position_ids, *([job.mask] if job.mask is not None else [])]
 
     def norm(self, tape: Tape, job: Job, x: Sym) -> Sym:
-        return ops.layernorm(tape, x, job.tokens, job.spec.hidden_size, job.full or job.bitfit)
+        return ops.layernorm(tape, x, job.tokens, job.spec.hidden_size, job.full or job.bitfit,
+                             upcast=job.fp32_list)
 
     def block(self, tape: Tape, job: Job, x: Sym, rope: list[Sym], layer: int) -> Sym:
         spec, tokens = job.spec, job.tokens

@@ -155,7 +155,8 @@ class GPTNeoX(Llama):
         FakeTensorMode) when input and weight share a low-precision dtype."""
         w_rg = job.full or job.bitfit
         if job.runtime == "cuda" or x.itemsize == FP32:
-            return ops.layernorm(tape, x, job.tokens, job.spec.hidden_size, w_rg)
+            return ops.layernorm(tape, x, job.tokens, job.spec.hidden_size, w_rg,
+                                 upcast=job.fp32_list)
         out = tape.new(x.numel, x.itemsize, x.rg or w_rg)
         stats = [tape.new(job.tokens, x.itemsize, False) for _ in range(2)]
         return tape.op(out, [(x, x.nbytes)], [x, *stats] if out.rg else [],

@@ -141,13 +141,13 @@ class MoE(Llama):
 
     def check(self, spec: ModelSpec, train: Any) -> None:
         super().check(spec, train)
-        if train.regime == "qlora":
+        if train.recipe.nf4:
             raise MemplanError(f"{spec.name}: QLoRA's NF4 base quantises nn.Linear layers, "
                                "not the 3-D expert stacks; use lora-bf16")
         from memplan.fsdp import is_sharded
         from memplan.params import check_rank
 
-        lora = train.regime in ("lora", "lora-bf16")
+        lora = train.recipe.lora
         if lora and is_sharded(train) and any(
                 l.group in ("expert", "router") for l in check_rank(spec, train.lora)):
             raise MemplanError(f"{spec.name}: FSDP with LoRA on the router and expert stacks is "
@@ -183,10 +183,21 @@ class MoE(Llama):
             tape.op(wp, [(delta, delta.nbytes)])
             extra = [wp]
             w_rg = True
-        logits = tape.new(t * e, d, y.rg or w_rg)
-        tape.op(logits, [(y, y.nbytes)] + [(w, w.nbytes) for w in extra],
-                ([y] if w_rg else []) + (extra if y.rg else []),
-                param_grad=0 if lora else 4 * e * spec.hidden_size * job.full)
+        if job.autocast is not None and not lora:  # F.linear under autocast; the experts'
+            # _grouped_mm is on no autocast list: they run in the weights' dtype
+            logits = ops.autocast_linear(tape, job.autocast, y, spec.hidden_size, e, t, w_rg,
+                                         itemsize=d)
+        elif job.autocast is not None:  # W' (PEFT's) is no leaf: copied per use, uncached
+            ac = job.autocast
+            yc, wc = ac.operand(tape, y), ac.operand(tape, extra[0])
+            logits = tape.op(tape.new(t * e, ac.itemsize, True), [(yc, yc.nbytes),
+                             (wc, wc.nbytes)], [yc] + ([wc] if y.rg else []))
+            tape.free(*(c for c, o in ((yc, y), (wc, extra[0])) if c is not o))
+        else:
+            logits = tape.new(t * e, d, y.rg or w_rg)
+            tape.op(logits, [(y, y.nbytes)] + [(w, w.nbytes) for w in extra],
+                    ([y] if w_rg else []) + (extra if y.rg else []),
+                    param_grad=0 if lora else 4 * e * spec.hidden_size * job.full)
         l32 = ops.cast(tape, logits, FP32)
         probs = tape.new(t * e, FP32, l32.rg)
         tape.op(probs, [(l32, l32.nbytes)], [probs] if probs.rg else [])

@@ -24,7 +24,7 @@ def block_linear(tape: Tape, job: Job, layers: tuple[LinearShape, ...]) -> Linea
     policy, which gathers the adapters in bf16 too)."""
     by_name = {layer.name: layer for layer in layers}
     train = job.train
-    cast = job.d != FP32 and train.regime in ("lora-bf16", "qlora") and not job.bf16_policy
+    cast = job.d != FP32 and train.recipe.sixteen_bit_base and not job.bf16_policy
 
     def linear(inp: Sym, name: str) -> Sym:
         layer = by_name[name]
@@ -32,7 +32,8 @@ def block_linear(tape: Tape, job: Job, layers: tuple[LinearShape, ...]) -> Linea
         return ops.linear(tape, inp, layer.out_features, job.tokens, w_rg=job.full,
                           b_rg=(job.full or job.bitfit) and layer.bias, lora_rank=rank,
                           lora_cast=cast, in_features=layer.in_features,
-                          peft=train.lora_backend == "peft", adapters=job.adapters)
+                          peft=train.lora_backend == "peft", adapters=job.adapters,
+                          ac=job.autocast, bias=layer.bias, weight_itemsize=job.d)
     return linear
 
 

@@ -42,6 +42,8 @@ def advise(
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     gpus: o.Gpus = 1, shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
     adapters: o.Adapters = 1,
+    dtype: o.Dtype = None, autocast: o.Autocast = "none", grad_accum: o.GradAccum = 1,
+    loop: o.Loop = "manual",
     classes: o.Classes = 2, prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
@@ -61,10 +63,12 @@ def advise(
 ) -> None:
     """What to change so that the job fits: the options that fit, cheapest compute first.
 
-    Searches a 16-bit or NF4 base, activation checkpointing, a lower LoRA rank and attention-only
-    targets, a smaller micro-batch with gradient accumulation, FSDP over more GPUs and, when
-    nothing else fits, a shorter sequence. Each option comes with the `memplan fits` line that
-    checks it. Exit 0 when some option fits, 1 when none does, 2 on bad input.
+    Searches a 16-bit or NF4 base (for full fine-tuning: bf16 autocast, the notes' mixed
+    recipe, pure bf16), activation checkpointing, a lower LoRA rank and attention-only targets,
+    8-bit AdamW, a loop that drops the outputs before backward, a smaller micro-batch with
+    gradient accumulation (planned), FSDP over more GPUs and, when nothing else fits, a shorter
+    sequence. Each option comes with the `memplan fits` line that plans the same bytes. Exit 0
+    when some option fits, 1 when none does, 2 on bad input.
     """
     import math
     import sys
@@ -97,7 +101,9 @@ def advise(
                          prompt_tokens=prompt_tokens, optimizer=optimizer,
                          optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                          attention=attention, impl=impl, lora_backend=lora_backend,
-                         shard=shard, param_dtype=param_dtype, adapters=adapters)
+                         shard=shard, param_dtype=param_dtype, adapters=adapters,
+                         dtype=dtype, autocast=autocast,
+                         grad_accum=grad_accum, loop=loop)
     except UnprofiledModel as exc:
         raise MemplanError(f"advise searches planned jobs, and this model is measured, not "
                            f"planned: {exc}") from None
@@ -149,7 +155,7 @@ def _print(job, user, found, label, capacity, reserve_bytes, peaks, mfu, top, ro
 
     t = job.train
     what = t.regime + (f" (rank {t.lora.rank}, targets {t.lora.targets})"
-                       if t.regime.startswith(("lora", "qlora")) else "")
+                       if t.recipe.lora else "")
     fits_now = user.required_bytes <= capacity
     say(f"{job.spec.name} · {what} · batch {t.batch} × seq {t.seq}"
         + (f" · {t.gpus} GPUs" if t.gpus > 1 else "") + f" on {label}: "
@@ -174,12 +180,6 @@ def _print(job, user, found, label, capacity, reserve_bytes, peaks, mfu, top, ro
         say(f"   peak {format_bytes(option.peak_bytes)} · headroom "
             f"{format_bytes(option.headroom_bytes)} · compute {option.relative_compute:.2f}×"
             f"{timing} · {option.tokens_per_step:,} tokens per step")
-        if option.accumulation_steps > 1:
-            bound = option.accumulation_bound_bytes
-            ok = bound + reserve_bytes <= capacity
-            say(f"   plan of one micro-batch; accumulation keeps gradients alive between "
-                f"micro-batches, not yet planned (bound {format_bytes(bound)}: "
-                f"{'fits' if ok else 'may not fit'})", None if ok else "yellow")
         say(f"   {data['command']}", "cyan")
     if len(found) > top:
         say()
@@ -196,6 +196,18 @@ def _print(job, user, found, label, capacity, reserve_bytes, peaks, mfu, top, ro
         say("no step times: no peak FLOPS for this GPU in the catalogue")
     say("compute counts FLOPs: the lower utilization of a small micro-batch and FSDP's "
         "communication are not in it")
-    if any(o.train.regime == "qlora" for o in found):
+    if any(o.train.recipe.nf4 for o in found):
         say("QLoRA dequantises its NF4 weights on every use: slower than its FLOPs say")
+    shown = [o.train.recipe for o in found[:top]]
+    if any(r.eight_bit for r in shown):
+        say("adamw-8bit is bitsandbytes' AdamW8bit (pip install bitsandbytes); --optimizer "
+            "paged-adamw-8bit plans the same bytes on the GPU and lets its states page out to "
+            "host memory under pressure")
+    if any(r.loop == "trainer" and t.loop != "trainer" for r in shown):
+        say("loop trainer: the Hugging Face Trainer frees the model's outputs before backward; "
+            "a hand-written loop does the same with `loss = out.loss; del out` before "
+            "`loss.backward()`")
+    if "bf16" not in peaks and t.recipe.compute != "bf16" \
+            and any(r.compute == "bf16" for r in shown):
+        say("bf16 needs an Ampere or newer GPU (T4 and V100 have none: --autocast fp16 there)")
     say("not searched yet: " + "; ".join(NOT_SEARCHED))

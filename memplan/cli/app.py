@@ -67,6 +67,16 @@ def main() -> None:
 
 def load_commands() -> typer.Typer:
     """Import every command module (for tests using CliRunner) and return the app."""
-    from memplan.cli import advise, catalog, estimate, fits, plot, profile, scale, serve, validate  # noqa: F401
+    from memplan.cli import (  # noqa: F401
+        advise,
+        catalog,
+        estimate,
+        fits,
+        plot,
+        profile,
+        scale,
+        serve,
+        validate,
+    )
 
     return app

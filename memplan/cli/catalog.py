@@ -67,3 +67,51 @@ def models(json_out: o.Json = False) -> None:
                       str(s.hidden_size), str(s.num_layers), f"{s.num_heads} ({s.num_kv_heads})",
                       f"{s.vocab_size:,}")
     console().print(table)
+
+
+@command("recipes")
+def recipes(
+    params: o.Params = None, model: o.Model = None, config: o.Config = None,
+    batch: o.Batch = None, seq: o.Seq = None, rank: o.Rank = 8,
+    json_out: o.Json = False,
+) -> None:
+    """The recipes people run, by the names they know them by, each as memplan's choices:
+    its flags, its bytes per parameter (the model states' formula) and, with --batch and
+    --seq, its peak on the model (default llama-3-8b).
+
+    N is the model's parameters, M the LoRA parameters. Use the flags with `estimate`,
+    `fits`, `advise` or `profile`.
+    """
+    from dataclasses import replace
+
+    from rich.table import Table
+    from rich.text import Text
+
+    from memplan.planner import plan
+    from memplan.recipe import NAMED_RECIPES
+    from memplan.report import console, print_json
+
+    if params is None and model is None and config is None:
+        model = "llama-3-8b"
+    job = o.make_job(params, model, config, rank=rank, batch=batch, seq=seq)
+    rows = []
+    for named in NAMED_RECIPES:
+        train = replace(job.train, **dict(named.choices))
+        p = plan(job.spec, train, job.params)
+        rows.append((named, p))
+    if json_out:
+        print_json({"model": job.spec.name, "assumed": job.assumed, "recipes": [
+            {"name": n.name, "how": n.how, "choices": dict(n.choices), "flags": n.flags,
+             "plan": p.to_dict()} for n, p in rows]})
+        return
+    table = Table(title=f"{job.spec.name}: the recipes people run", title_justify="left")
+    for col in ("recipe", "memplan flags", "model states", "peak"):
+        table.add_column(col, justify="right" if col == "peak" else "left")
+    for named, p in rows:
+        table.add_row(Text(f"{named.name}\n{named.how}"), Text(named.flags), Text(p.formula),
+                      f"{p.total_bytes / 2**30:.2f} GiB")
+    out = console()
+    out.print(table)
+    what = f"batch {batch} × seq {seq}" if job.train.has_activations else \
+        "model states only (add --batch and --seq for activations)"
+    out.print(f"peak: {what}, per GPU, without the runtime reserve", markup=False)

@@ -25,6 +25,8 @@ def estimate(
         "--regime", help="Only these regimes (repeatable); default: all of them.")] = None,
     shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
     adapters: o.Adapters = 1,
+    dtype: o.Dtype = None, autocast: o.Autocast = "none", grad_accum: o.GradAccum = 1,
+    loop: o.Loop = "manual",
     reserve: o.Reserve = None, json_out: o.Json = False,
 ) -> None:
     """Plan every training regime: the notes' formula, the peak, its breakdown, the GPUs it fits.
@@ -40,6 +42,7 @@ def estimate(
     from memplan.params import bias_params, count_params, lora_params
     from memplan.planner import plan
     from memplan.presets import gpus as gpu_catalogue
+    from memplan.recipe import choices_text, preset
     from memplan.report import architecture_dict, console, estimate_table, print_json, symbols_line
     from memplan.sharing import sharing
     from memplan.spec import REGIMES
@@ -52,6 +55,8 @@ def estimate(
                          optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                          attention=attention, impl=impl,
                          lora_backend=lora_backend, adapters=adapters,
+                         dtype=None, autocast="none",
+                         grad_accum=grad_accum, loop=loop,
                          regime="full" if adapters == 1 else "lora")
     except UnprofiledModel as exc:  # no profile: measured with the [hf] extra, else refused
         from memplan.cli import measured
@@ -66,7 +71,7 @@ def estimate(
                         and (r != "bitfit" or bias_params(job.spec))
                         and (r not in ("zero1", "zero2", "zero3") or optimizer == "adamw")]
     for name in wanted:
-        replace(job.train, regime=name)  # validates the name
+        preset(name)  # validates the name
     n = job.params or count_params(job.spec)
     m = lora_params(job.spec, job.train.lora)
     catalogue = gpu_catalogue()
@@ -76,8 +81,10 @@ def estimate(
                            "--gpus 2 or more")
     skipped: dict[str, str] = {}
     shared_lines: list[str] = []
-    for label, train in _variants(job.train, wanted, shard, param_dtype):
+    for label, train in _variants(job.train, wanted, shard, param_dtype, dtype, autocast):
         try:
+            if isinstance(train, MemplanError):  # the choices do not combine with it
+                raise train
             breakdown = plan(job.spec, train, job.params)
         except MemplanError as exc:  # a regime this model cannot run: say why, plan the rest
             if regime:
@@ -118,7 +125,8 @@ def estimate(
                   f"'· {shard if shard != 'none' else 'full-shard'}'"
                   " rows are FSDP per GPU (rank 0, the fullest); the others replicate the "
                   "model on every GPU")
-    out.print(estimate_table(f"peak memory per GPU ({optimizer}, {optimizer_impl})", rows))
+    title = choices_text(job.train, dtype=dtype, autocast=autocast)
+    out.print(estimate_table(f"peak memory per GPU ({title})", rows))
     for line in shared_lines:
         out.print(line, markup=False)
     for label, why in skipped.items():
@@ -127,30 +135,41 @@ def estimate(
               "(--reserve); see `memplan gpus` for capacities")
 
 
-def _variants(train, wanted: list[str], shard: str,
-              param_dtype: str = "fp32") -> list[tuple[str, object]]:
+def _variants(train, wanted: list[str], shard: str, param_dtype: str = "fp32",
+              dtype: str | None = None, autocast: str = "none") -> list[tuple[str, object]]:
     """(label, TrainSpec) of each row: every wanted regime; over several GPUs, FSDP variants
     of the mixed recipe and LoRA beside them (or, with --shard, every shardable regime
     sharded in place). FSDP's bf16 policy applies to the sharded rows (not to mixed, the
-    notes' own bf16 recipe)."""
+    notes' own bf16 recipe). A row whose choices do not combine holds the error instead."""
+    from memplan.errors import MemplanError
     from memplan.fsdp import SHARDABLE_REGIMES
 
+    def made(label: str, base, **changes):
+        try:
+            return label, replace(base, **changes)
+        except MemplanError as exc:
+            return label, exc
+
     def sharded(plain, how: str, name: str):
-        dtype = param_dtype if name != "mixed" else "fp32"
-        label = f"{name} · {how}" + (" · bf16" if dtype != "fp32" else "")
-        return label if name != "zero" or dtype != "fp32" else name, \
-            replace(plain, shard=how, param_dtype=dtype)
+        policy = param_dtype if name != "mixed" else "fp32"
+        label = f"{name} · {how}" + (" · bf16" if policy != "fp32" else "")
+        return made(label if name != "zero" or policy != "fp32" else name, plain, shard=how,
+                    param_dtype=policy)
 
     rows = []
     for name in wanted:
-        plain = replace(train, regime=name, param_dtype="fp32")
+        label, plain = made(name, train, regime=name, param_dtype="fp32", dtype=dtype,
+                            autocast=autocast)
+        if isinstance(plain, MemplanError):
+            rows.append((label, plain))
+            continue
         if shard != "none" and name in SHARDABLE_REGIMES:
             rows.append(sharded(plain, shard, name))
             continue
         if name == "zero" and train.gpus > 1:
             rows.append(sharded(plain, "full-shard", name))
             continue
-        rows.append((name, replace(plain, shard="none")))
+        rows.append(made(name, plain, shard="none"))
         if train.gpus > 1 and shard == "none" and name in ("mixed", "lora"):
             rows.append(sharded(plain, "full-shard", name))
     return rows

@@ -26,7 +26,9 @@ def fits(
     rank: o.Rank = 8, alpha: o.Alpha = 16.0, targets: o.Targets = "all",
     train_embeddings: o.TrainEmb = False, batch: o.Batch = None, seq: o.Seq = None,
     gpus: o.Gpus = 1, shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32",
-    adapters: o.Adapters = 1, classes: o.Classes = 2,
+    adapters: o.Adapters = 1,
+    dtype: o.Dtype = None, autocast: o.Autocast = "none", grad_accum: o.GradAccum = 1,
+    loop: o.Loop = "manual", classes: o.Classes = 2,
     prompt_tokens: o.Prompt = 20,
     optimizer: o.Optim = "adamw", optimizer_impl: o.Impl = "fused",
     checkpointing: o.Ckpt = False, attention: o.Attention = "auto",
@@ -56,7 +58,8 @@ def fits(
                          optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                          attention=attention, impl=impl,
                          lora_backend=lora_backend, shard=shard, param_dtype=param_dtype,
-                         adapters=adapters)
+                         adapters=adapters, dtype=dtype, autocast=autocast,
+                         grad_accum=grad_accum, loop=loop)
     except UnprofiledModel as exc:  # no profile: measured with the [hf] extra, else refused
         from memplan.cli import measured
 

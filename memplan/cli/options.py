@@ -39,7 +39,23 @@ ParamDtype = Annotated[str, typer.Option(
     "gathered, computed with and differentiated in bf16; gradients reduced in fp32).")]
 Classes = Annotated[int, typer.Option("--classes", help="Classes of the classifier head.")]
 Prompt = Annotated[int, typer.Option("--prompt-tokens", help="Soft-prompt tokens P.")]
-Optim = Annotated[str, typer.Option("--optimizer", help="adamw, sgd or sgd-momentum.")]
+Optim = Annotated[str, typer.Option(
+    "--optimizer", help="adamw (torch.optim), adamw-8bit or paged-adamw-8bit (bitsandbytes: "
+    "uint8 states, blockwise absmax), adafactor (transformers: factored second moments), sgd "
+    "or sgd-momentum.")]
+Dtype = Annotated[str | None, typer.Option(
+    "--dtype", help="The dtype the weights are stored in: fp32, bf16 or fp16 (default: the "
+    "regime's own; LoRA adapters and new heads stay fp32 on a 16-bit base). --regime full "
+    "--dtype bf16 is pure bf16 training.")]
+Autocast = Annotated[str, typer.Option(
+    "--autocast", help="none, bf16 or fp16: torch.autocast over the forward and loss, as the "
+    "Hugging Face Trainer's bf16=True / fp16=True runs it (fp16 adds a gradient scaler).")]
+GradAccum = Annotated[int, typer.Option(
+    "--grad-accum", help="Gradient accumulation steps K: the step follows K micro-batches of "
+    "--batch, whose gradients add up.")]
+Loop = Annotated[str, typer.Option(
+    "--loop", help="manual (a hand-written loop: the model's outputs, its logits, stay alive "
+    "through backward and the step) or trainer (the Trainer drops them before backward).")]
 Impl = Annotated[str, typer.Option(
     "--optimizer-impl", help="fused (no temporaries), foreach (+ a copy of the trainable "
     "params during step) or forloop.")]
@@ -120,7 +136,8 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
              optimizer_impl: str = "fused", checkpointing: bool = False,
              attention: str = "sdpa", impl: str = "auto",
              lora_backend: str = "auto", shard: str = "none",
-             param_dtype: str = "fp32", adapters: int = 1) -> Job:
+             param_dtype: str = "fp32", adapters: int = 1, dtype: str | None = None,
+             autocast: str = "none", grad_accum: int = 1, loop: str = "manual") -> Job:
     """Validate the options and build the job (every bad value raises MemplanError).
 
     ``impl="auto"``: memplan's reference model where the family has one, else Hugging Face's;
@@ -130,7 +147,8 @@ def make_job(params: str | None, model: str | None, config: Path | None, *,
                    train_embeddings=train_embeddings, batch=batch, seq=seq, gpus=gpus,
                    classes=classes, prompt_tokens=prompt_tokens, optimizer=optimizer,
                    optimizer_impl=optimizer_impl, checkpointing=checkpointing,
-                   shard=shard, param_dtype=param_dtype, adapters=adapters)
+                   shard=shard, param_dtype=param_dtype, adapters=adapters, dtype=dtype,
+                   autocast=autocast, grad_accum=grad_accum, loop=loop)
     try:
         spec, n, assumed = resolve_model(params, model, config, as_family)
     except UnprofiledModel as exc:  # the command may measure it instead (memplan.cli.measured)
@@ -167,7 +185,9 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
                optimizer: str = "adamw", optimizer_impl: str = "fused",
                checkpointing: bool = False, attention: str = "sdpa", impl: str = "memplan",
                lora_backend: str = "memplan", shard: str = "none",
-               param_dtype: str = "fp32", adapters: int = 1) -> TrainSpec:
+               param_dtype: str = "fp32", adapters: int = 1, dtype: str | None = None,
+               autocast: str = "none", grad_accum: int = 1, loop: str = "manual"
+               ) -> TrainSpec:
     """The TrainSpec of the job options alone, for commands where the model is optional
     (``auto`` choices take memplan's reference models' defaults)."""
     attention = "sdpa" if attention == "auto" else attention
@@ -181,7 +201,7 @@ def make_train(*, regime: str = "full", rank: int = 8, alpha: float = 16.0, targ
         num_classes=classes, prompt_tokens=prompt_tokens, gpus=gpus, optimizer=optimizer,
         optimizer_impl=optimizer_impl, checkpointing=checkpointing, attention=attention,
         impl=impl, lora_backend=lora_backend, shard=shard, param_dtype=param_dtype,
-        adapters=adapters,
+        adapters=adapters, dtype=dtype, autocast=autocast, grad_accum=grad_accum, loop=loop,
     )
 
 

@@ -47,6 +47,8 @@ def profile(
         "per GPU on NCCL (cuda), or the fake process group in one process (fake, any number)."
         )] = None,
     shard: o.Shard = "none", param_dtype: o.ParamDtype = "fp32", adapters: o.Adapters = 1,
+    dtype: o.Dtype = None, autocast: o.Autocast = "none", grad_accum: o.GradAccum = 1,
+    loop: o.Loop = "manual",
     gpus: Annotated[int | None, typer.Option(
         "--gpus", help="The GPUs planned; with --nproc it must be the same number.")] = None,
     json_out: o.Json = False,
@@ -67,7 +69,8 @@ def profile(
                          optimizer_impl=optimizer_impl, checkpointing=checkpointing,
                          attention=attention, impl=impl,
                          lora_backend=lora_backend, shard=shard, param_dtype=param_dtype,
-                         adapters=adapters)
+                         adapters=adapters, dtype=dtype, autocast=autocast,
+                         grad_accum=grad_accum, loop=loop)
     except UnprofiledModel as exc:  # no profile: the dry run is the measurement, fake only
         if device not in ("fake", "auto") or nproc not in (None, 1):
             raise MemplanError(f"model_type {exc.cfg.get('model_type')!r} has no profile: "

@@ -74,11 +74,14 @@ class HFCausalLM(nn.Module):
         return out.last_hidden_state
 
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
-        """The loss when labels are given (Hugging Face shifts them), else the logits."""
+                inputs_embeds: Tensor | None = None, return_logits: bool = False) -> Any:
+        """The loss when labels are given (Hugging Face shifts them), else the logits.
+        ``return_logits``: ``(loss, outputs)``, the model's whole output (its logits) kept."""
         out = self.hf(input_ids=input_ids, inputs_embeds=inputs_embeds, labels=labels,
                       use_cache=False)
-        return out.logits if labels is None else out.loss
+        if labels is None:
+            return out.logits
+        return (out.loss, out) if return_logits else out.loss
 
 
 def build_hf_model(spec: ModelSpec, device: str | torch.device | None = None,

@@ -8,6 +8,7 @@ copied without need. Builds work on the meta device and under ``FakeTensorMode``
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -355,17 +356,20 @@ class CausalLM(nn.Module):
         return body.norm(x)  # (B, T, H)
 
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
-                inputs_embeds: Tensor | None = None) -> Tensor:
+                inputs_embeds: Tensor | None = None, return_logits: bool = False) -> Any:
         """The mean cross-entropy loss when labels (B, T) are given, else the logits (B, T, V).
 
         Labels are aligned with positions already (no shift here); -100 is ignored. With labels
-        the logits are dropped as soon as the loss is computed.
+        the logits are dropped as soon as the loss is computed, unless ``return_logits``:
+        then ``(loss, logits)``, as a Hugging Face model returns both.
         """
         logits = self.lm_head(self.hidden_states(input_ids, inputs_embeds))  # (B, T, V)
         if labels is None:
             return logits
         vocab = logits.shape[-1]
         loss = F.cross_entropy(logits.float().view(-1, vocab), labels.view(-1))
+        if return_logits:
+            return loss, logits
         del logits
         return loss
 

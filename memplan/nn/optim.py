@@ -1,6 +1,9 @@
 """Optimizers: torch's, by name and implementation, and the notes' mixed-precision recipe.
 
-:func:`build_optimizer` maps the planner's names to ``torch.optim``. :class:`MixedAdamW` is the
+:func:`build_optimizer` maps the planner's names to ``torch.optim``, to bitsandbytes' 8-bit
+AdamW (memplan's plain-torch reference :class:`memplan.nn.optim8bit.AdamW8bit`, or bitsandbytes
+itself on CUDA when it is installed) and to transformers' Adafactor as the Hugging Face Trainer
+builds it. :class:`MixedAdamW` is the
 ``mixed`` regime of the notes for fp32 weights: bf16 gradients, bf16 momentum, fp32 second
 moment, i.e. per trainable element 4 (weight) + 2 (grad) + 2 (m) + 4 (v) = 12 bytes, 12N.
 :class:`MixedSGD` is the SGD analogue: 4 + 2 + 2 (bf16 momentum buffer) = 8N, or 6N without
@@ -25,9 +28,14 @@ from torch import nn
 from memplan.errors import MemplanError, unknown
 from memplan.spec import OPTIMIZER_IMPLS, OPTIMIZERS
 
-__all__ = ["build_optimizer", "MixedAdamW", "MixedSGD", "optimizer_state_tensors"]
+__all__ = ["build_optimizer", "MixedAdamW", "MixedSGD", "embedding_weights",
+           "optimizer_backend", "optimizer_state_tensors"]
 
 SGD_MOMENTUM = 0.9  # the momentum of "sgd-momentum", the common default
+EIGHT_BIT = ("adamw-8bit", "paged-adamw-8bit")
+BACKENDS = ("auto", "reference", "bitsandbytes")
+# transformers' Trainer, optim="adafactor": Adafactor(lr=args.learning_rate, **these)
+ADAFACTOR_TRAINER_KWARGS = {"scale_parameter": False, "relative_step": False}
 
 
 def _param_list(params: Iterable[nn.Parameter] | dict[str, nn.Parameter]) -> list[nn.Parameter]:
@@ -39,42 +47,149 @@ def _param_list(params: Iterable[nn.Parameter] | dict[str, nn.Parameter]) -> lis
 
 def build_optimizer(params: Iterable[nn.Parameter] | dict[str, nn.Parameter],
                     optimizer: str = "adamw", impl: str = "fused", lr: float = 1e-3,
-                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """A ``torch.optim`` optimizer by the planner's names.
+                    weight_decay: float = 0.0, *, fp32_state: Iterable[nn.Parameter] = (),
+                    backend: str = "auto") -> torch.optim.Optimizer:
+    """An optimizer by the planner's names.
 
-    ``adamw`` → ``AdamW`` (state m, v: 8 bytes per fp32 element); ``sgd`` → ``SGD`` (no
-    state); ``sgd-momentum`` → ``SGD(momentum=0.9)`` (one buffer, 4 bytes per element).
-    ``impl``: ``fused`` (``fused=True``: one kernel, no temporaries), ``foreach``
+    ``adamw`` → ``torch.optim.AdamW`` (state m, v: 8 bytes per fp32 element); ``sgd`` →
+    ``SGD`` (no state); ``sgd-momentum`` → ``SGD(momentum=0.9)`` (one buffer, 4 bytes per
+    element). ``impl``: ``fused`` (``fused=True``: one kernel, no temporaries), ``foreach``
     (``foreach=True``: multi-tensor ops whose temporaries are about one extra copy of the
     trainable parameters), ``forloop`` (``foreach=False, fused=False``: one parameter at a
     time, temporaries of one parameter's size).
 
+    ``adamw-8bit`` / ``paged-adamw-8bit`` → bitsandbytes' block-wise 8-bit AdamW (``is_paged``
+    for the second): ``backend="bitsandbytes"`` the real one (``bitsandbytes.optim.AdamW(...,
+    optim_bits=8)``, as the Trainer's ``adamw_bnb_8bit`` / ``paged_adamw_8bit``), ``reference``
+    memplan's plain-torch :class:`~memplan.nn.optim8bit.AdamW8bit` (same tensors, runs on the
+    CPU and under ``FakeTensorMode``), ``auto`` bitsandbytes when every parameter is on CUDA and
+    it imports, else the reference; :func:`optimizer_backend` says which one was built.
+    ``fp32_state``: parameters whose m and v stay fp32 (bitsandbytes' ``optim_bits=32``
+    override; the Trainer's are :func:`embedding_weights`); ignored by the other optimizers.
+
+    ``adafactor`` → ``transformers.optimization.Adafactor(lr=lr, scale_parameter=False,
+    relative_step=False, weight_decay=weight_decay)``, the Trainer's ``optim="adafactor"``
+    (beta1 None: no first moment).
+
+    These have one implementation each: ``impl`` must be ``fused`` (the default).
+
     Raises:
-        MemplanError: an unknown optimizer or implementation, or no parameters.
+        MemplanError: an unknown optimizer, implementation or backend, no parameters,
+            bitsandbytes asked for and missing, Adafactor without transformers.
     """
     if optimizer not in OPTIMIZERS:
         raise unknown("optimizer", optimizer, OPTIMIZERS)
     if impl not in OPTIMIZER_IMPLS:
         raise unknown("optimizer implementation", impl, OPTIMIZER_IMPLS)
+    if backend not in BACKENDS:
+        raise unknown("8-bit optimizer backend", backend, BACKENDS)
+    items = _param_list(params)
+    if optimizer in EIGHT_BIT or optimizer == "adafactor":
+        if impl != "fused":
+            raise MemplanError(f"--optimizer {optimizer} has one implementation; drop "
+                               "--optimizer-impl")
+        if optimizer == "adafactor":
+            return _adafactor(items, lr, weight_decay)
+        return _adamw_8bit(items, lr, weight_decay, optimizer == "paged-adamw-8bit",
+                           list(fp32_state), backend)
     flags = {"fused": {"fused": True}, "foreach": {"foreach": True},
              "forloop": {"foreach": False, "fused": False}}[impl]
-    items = _param_list(params)
     if optimizer == "adamw":
         return torch.optim.AdamW(items, lr=lr, weight_decay=weight_decay, **flags)
     momentum = SGD_MOMENTUM if optimizer == "sgd-momentum" else 0.0
     return torch.optim.SGD(items, lr=lr, momentum=momentum, weight_decay=weight_decay, **flags)
 
 
-def optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Every tensor an optimizer owns (its state: m, v, momentum, step counters, buffers).
+def embedding_weights(*modules: nn.Module) -> list[nn.Parameter]:
+    """The weight of every ``nn.Embedding`` in ``modules``: what the Hugging Face Trainer
+    registers with bitsandbytes' ``GlobalOptimManager`` as ``{"optim_bits": 32}`` when its
+    optimizer is 8-bit (transformers 5.24 ``Trainer.create_optimizer``), each once."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, nn.Embedding):
+                seen.setdefault(id(sub.weight), sub.weight)
+    return list(seen.values())
 
-    Uses ``opt.state_tensors()`` when the optimizer has one (the mixed optimizers here).
+
+def optimizer_backend(opt: torch.optim.Optimizer) -> str:
+    """Which implementation ``opt`` is: ``bitsandbytes``, ``reference`` (memplan's 8-bit
+    AdamW), ``transformers`` (Adafactor) or ``torch``."""
+    module = type(opt).__module__
+    if module.startswith("bitsandbytes"):
+        return "bitsandbytes"
+    if module == "memplan.nn.optim8bit":
+        return "reference"
+    if module.startswith("transformers"):
+        return "transformers"
+    return "torch"
+
+
+def _adafactor(items: list[nn.Parameter], lr: float,
+               weight_decay: float) -> torch.optim.Optimizer:
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError as exc:
+        raise MemplanError("--optimizer adafactor runs transformers' Adafactor, and "
+                           "transformers is not installed; install memplan's Hugging Face "
+                           "extra: pip install 'memplan[hf]'") from exc
+    return Adafactor(items, lr=lr, weight_decay=weight_decay, **ADAFACTOR_TRAINER_KWARGS)
+
+
+def _adamw_8bit(items: list[nn.Parameter], lr: float, weight_decay: float, paged: bool,
+                fp32_state: list[nn.Parameter], backend: str) -> torch.optim.Optimizer:
+    from memplan.nn.optim8bit import AdamW8bit
+
+    if backend == "auto":
+        on_cuda = all(p.device.type == "cuda" for p in items)
+        backend = "bitsandbytes" if on_cuda and _bitsandbytes() is not None else "reference"
+    if backend == "reference":
+        return AdamW8bit(items, lr=lr, weight_decay=weight_decay, paged=paged,
+                         fp32_params=fp32_state)
+    bnb = _bitsandbytes()
+    if bnb is None:
+        raise MemplanError("the bitsandbytes backend of the 8-bit AdamW needs bitsandbytes "
+                           "(pip install bitsandbytes, on a CUDA machine); or use the reference")
+    opt = bnb.optim.AdamW(items, lr=lr, weight_decay=weight_decay, optim_bits=8,
+                          is_paged=paged)
+    manager = bnb.optim.GlobalOptimManager.get_instance()
+    for p in fp32_state:  # as the Trainer: a (module, "weight", config) override per embedding
+        manager.register_module_override(_Holder(p), "weight", {"optim_bits": 32})
+    return opt
+
+
+class _Holder:
+    """A stand-in module for ``GlobalOptimManager.register_module_override``, which only reads
+    ``getattr(module, "weight")``."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        self.weight = weight
+
+
+def _bitsandbytes():  # noqa: ANN202 - the module, or None
+    try:
+        import bitsandbytes
+    except Exception:  # noqa: BLE001 - a missing or broken install (no CUDA build) alike
+        return None
+    return bitsandbytes
+
+
+def optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor an optimizer owns (its state: m, v, momentum, step counters, buffers,
+    bitsandbytes' absmax and shared quantisation maps, Adafactor's factored moments and RMS).
+
+    Uses ``opt.state_tensors()`` when the optimizer has one (the mixed optimizers and the 8-bit
+    reference here). A tensor referenced from several states (bitsandbytes' maps) is listed once.
     """
     own = getattr(opt, "state_tensors", None)
     if callable(own):
         return list(own())
-    return [value for state in opt.state.values() for value in state.values()
-            if isinstance(value, torch.Tensor)]
+    seen: dict[int, torch.Tensor] = {}
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                seen.setdefault(id(value), value)
+    return list(seen.values())
 
 
 class _BF16GradOptimizer(torch.optim.Optimizer):

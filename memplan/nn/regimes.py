@@ -23,8 +23,10 @@ setup.optimizer.step()``. Labels are aligned with positions (the model does not 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +34,14 @@ from torch import Tensor, nn
 
 from memplan.errors import MemplanError, unknown
 from memplan.nn.lora import apply_lora
-from memplan.nn.optim import SGD_MOMENTUM, MixedAdamW, MixedSGD, build_optimizer
-from memplan.spec import OPTIMIZERS, REGIMES, LoraSpec
+from memplan.nn.optim import (
+    SGD_MOMENTUM,
+    MixedAdamW,
+    MixedSGD,
+    build_optimizer,
+    embedding_weights,
+)
+from memplan.spec import OPTIMIZERS, REGIMES, LoraSpec, TrainSpec
 
 __all__ = ["prepare", "TrainingSetup", "SUPPORTED_REGIMES", "SoftPrompt", "cast_floating"]
 
@@ -41,7 +49,8 @@ SUPPORTED_REGIMES = ("full", "mixed", "lora", "lora-bf16", "classifier", "input-
                      "prompt-tuning", "bitfit")
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 
-LossFn = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
+# (input_ids, labels, class_labels) -> (loss, what the model returned beside it, or None)
+LossFn = Callable[[Tensor, Tensor | None, Tensor | None], tuple[Tensor, Any]]
 
 
 class SoftPrompt(nn.Module):
@@ -59,7 +68,7 @@ class SoftPrompt(nn.Module):
 
 @dataclass
 class TrainingSetup:
-    """A model with a regime applied: its optimizer, trainable parameters and loss.
+    """A model with a job applied: its optimizer, trainable parameters and loss.
 
     Attributes:
         model: the model (changed in place by :func:`prepare`).
@@ -68,6 +77,12 @@ class TrainingSetup:
         trainable: every trainable Parameter by name; names of new modules are prefixed with
             their key in ``extra_modules`` (``head.weight``, ``prompt.weight``).
         extra_modules: the modules the regime created (head, input adapter, soft prompt).
+        autocast: ``none``, ``bf16`` or ``fp16``: the forward and the loss run under
+            ``torch.autocast`` (backward and step outside it), as the Trainer runs them.
+        keep_outputs: the manual loop: ``outputs`` holds what the model returned beside the
+            loss (its logits) until the next forward returns, as ``out = model(**batch)`` in
+            a hand-written loop does; the Trainer's loop drops them before backward.
+        scaler: fp16 autocast's ``torch.amp.GradScaler`` (None otherwise).
     """
 
     model: nn.Module
@@ -76,6 +91,10 @@ class TrainingSetup:
     trainable: dict[str, nn.Parameter]
     extra_modules: dict[str, nn.Module] = field(default_factory=dict)
     loss_fn: LossFn | None = None
+    autocast: str = "none"
+    keep_outputs: bool = False
+    scaler: Any = None
+    outputs: Any = None
 
     @property
     def num_trainable(self) -> int:
@@ -86,29 +105,51 @@ class TrainingSetup:
         """Free (or, for the mixed optimizers, zero) the gradients."""
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast == "none":
+            return contextlib.nullcontext()
+        device = next(iter(self.trainable.values())).device.type
+        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
+        return torch.autocast(device, dtype=dtype)
+
     def loss(self, input_ids: Tensor, labels: Tensor | None = None,
              class_labels: Tensor | None = None) -> Tensor:
-        """The scalar loss of one batch: input_ids, labels (B, T); class_labels (B,)."""
+        """The scalar loss of one batch: input_ids, labels (B, T); class_labels (B,).
+
+        Under the manual loop the model's outputs replace the previous ones in ``outputs``
+        once this forward has returned."""
         assert self.loss_fn is not None
-        return self.loss_fn(input_ids, labels, class_labels)
+        with self._autocast():
+            loss, outputs = self.loss_fn(input_ids, labels, class_labels)
+        self.outputs = outputs if self.keep_outputs else None
+        return loss
 
     def backward(self, loss: Tensor) -> None:
-        """Backpropagate the loss."""
-        loss.backward()
+        """Backpropagate the loss (scaled by fp16's gradient scaler)."""
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
 
     def step(self) -> None:
-        """The optimizer update."""
-        self.optimizer.step()
+        """The optimizer update (through fp16's gradient scaler)."""
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
 
     def train_step(self, input_ids: Tensor, labels: Tensor | None = None,
-                   class_labels: Tensor | None = None) -> float:
-        """zero_grad, loss, backward, step; returns the loss as a float (NaN for a fake one,
-        which has no value, under ``FakeTensorMode``)."""
+                   class_labels: Tensor | None = None, accumulate: int = 1) -> float:
+        """zero_grad, then ``accumulate`` micro-batches of loss and backward (their gradients
+        add up), then step; returns the last loss as a float (NaN for a fake one, which has
+        no value, under ``FakeTensorMode``)."""
         from torch._subclasses.fake_tensor import FakeTensor
 
         self.zero_grad()
-        loss = self.loss(input_ids, labels, class_labels)
-        self.backward(loss)
+        for _ in range(accumulate):
+            loss = self.loss(input_ids, labels, class_labels)
+            self.backward(loss)
         self.step()
         return float("nan") if isinstance(loss, FakeTensor) else float(loss.detach())
 
@@ -154,15 +195,21 @@ def _input_embedding(model: nn.Module) -> nn.Embedding:
     raise MemplanError(f"cannot find the input embedding of a {type(model).__name__}")
 
 
+def _outputs(result: Any) -> tuple[Tensor, Any]:
+    """(loss, outputs) from a model called with ``return_logits=True``."""
+    return (result[0], result[1]) if isinstance(result, tuple) else (result, None)
+
+
 def _lm_loss(model: nn.Module) -> LossFn:
     classes = getattr(model, "sequence_classifier", False)  # takes class labels (B,)
 
-    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None
+             ) -> tuple[Tensor, Any]:
         if classes:
-            return model(input_ids, labels=class_labels)
+            return _outputs(model(input_ids, labels=class_labels, return_logits=True))
         if labels is None:
             raise MemplanError("this regime trains a language model: give labels (B, T)")
-        return model(input_ids, labels=labels)
+        return _outputs(model(input_ids, labels=labels, return_logits=True))
     return loss
 
 
@@ -185,13 +232,14 @@ def _classifier(model: nn.Module, num_classes: int) -> tuple[dict[str, nn.Module
     head = nn.Linear(emb.embedding_dim, num_classes, device=emb.weight.device,
                      dtype=torch.float32)
 
-    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None
+             ) -> tuple[Tensor, Any]:
         if class_labels is None:
             raise MemplanError("the classifier regime needs class_labels (B,)")
         with torch.no_grad():
             last = model.hidden_states(input_ids)[:, -1, :]  # (B, H)
         logits = head(last.to(head.weight.dtype))  # (B, classes)
-        return F.cross_entropy(logits, class_labels)
+        return F.cross_entropy(logits, class_labels), logits
     return {"head": head}, loss
 
 
@@ -203,10 +251,12 @@ def _input_adapter(model: nn.Module) -> tuple[dict[str, nn.Module], LossFn]:
                          dtype=emb.weight.dtype)
     nn.init.zeros_(delta.weight)
 
-    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None
+             ) -> tuple[Tensor, Any]:
         if labels is None:
             raise MemplanError("the input-adapter regime trains a language model: give labels")
-        return model(inputs_embeds=model.embed(input_ids) + delta(input_ids), labels=labels)
+        return _outputs(model(inputs_embeds=model.embed(input_ids) + delta(input_ids),
+                              labels=labels, return_logits=True))
     return {"input_adapter": delta}, loss
 
 
@@ -220,12 +270,13 @@ def _prompt_tuning(model: nn.Module, prompt_tokens: int) -> tuple[dict[str, nn.M
     rows = torch.randint(emb.num_embeddings, (prompt_tokens,), device=emb.weight.device)
     prompt = SoftPrompt(emb.weight.detach()[rows].clone())
 
-    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None) -> Tensor:
+    def loss(input_ids: Tensor, labels: Tensor | None, class_labels: Tensor | None
+             ) -> tuple[Tensor, Any]:
         if labels is None:
             raise MemplanError("the prompt-tuning regime trains a language model: give labels")
         pad = labels.new_full((labels.shape[0], prompt_tokens), IGNORE_INDEX)
-        return model(inputs_embeds=prompt(model.embed(input_ids)),
-                     labels=torch.cat((pad, labels), dim=1))
+        return _outputs(model(inputs_embeds=prompt(model.embed(input_ids)),
+                              labels=torch.cat((pad, labels), dim=1), return_logits=True))
     return {"prompt": prompt}, loss
 
 
@@ -237,20 +288,21 @@ def _cannot_run(regime: str) -> MemplanError:
                         f"{', '.join(SUPPORTED_REGIMES)}")
 
 
-def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
+def prepare(model: nn.Module, regime: str | TrainSpec, *, lora: LoraSpec | None = None,
             optimizer: str = "adamw", impl: str = "fused", lr: float = 1e-3,
             num_classes: int = 2, prompt_tokens: int = 20,
             lora_backend: str = "memplan",
             shard: Callable[[nn.Module], None] | None = None,
             adapters: int = 1) -> TrainingSetup:
-    """Apply ``regime`` to ``model`` (in place) and build its optimizer and loss.
+    """Apply a job to ``model`` (in place) and build its optimizer and loss.
 
     Args:
         model: a :class:`~memplan.nn.models.CausalLM` with fp32 weights.
-        regime: one of :data:`SUPPORTED_REGIMES`.
+        regime: a :class:`~memplan.spec.TrainSpec` (every choice: dtype, autocast,
+            optimizer...), or a regime's name with the options below.
         lora: the LoRA adapters (``lora``, ``lora-bf16``); default ``LoraSpec()``.
         lora_backend: ``memplan`` (LoRALinear) or ``peft`` (a Hugging Face model only).
-        optimizer: ``adamw``, ``sgd`` or ``sgd-momentum``.
+        optimizer: a name of :data:`memplan.spec.OPTIMIZERS`.
         impl: ``fused``, ``foreach`` or ``forloop`` (``torch.optim``); the ``mixed`` regime's
             optimizers always loop over parameters, so ``impl`` does not apply there.
         lr: learning rate.
@@ -268,24 +320,42 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
         MemplanError: an unknown regime or optimizer, a regime the profiler cannot run here
             (qlora, zero*), bitfit on a model without biases, bad LoRA options.
     """
-    if regime not in REGIMES:
-        raise unknown("regime", regime, REGIMES)
-    if regime not in SUPPORTED_REGIMES:
-        raise _cannot_run(regime)
-    if optimizer not in OPTIMIZERS:
-        raise unknown("optimizer", optimizer, OPTIMIZERS)
-    if adapters != 1 and regime not in ("lora", "lora-bf16"):
-        raise MemplanError(f"--adapters {adapters} trains K LoRA adapters; use --regime lora "
-                           f"or lora-bf16, not {regime}")
+    if isinstance(regime, TrainSpec):
+        train = regime
+    else:
+        if regime not in REGIMES:
+            raise unknown("regime", regime, REGIMES)
+        if optimizer not in OPTIMIZERS:
+            raise unknown("optimizer", optimizer, OPTIMIZERS)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
+                or num_classes <= 0:
+            raise MemplanError(f"--classes must be a positive integer, got {num_classes!r}")
+        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) \
+                or prompt_tokens <= 0:
+            raise MemplanError(f"--prompt-tokens must be a positive integer, got "
+                               f"{prompt_tokens!r}")
+        train = TrainSpec(regime=regime, lora=lora or LoraSpec(), optimizer=optimizer,
+                          optimizer_impl=impl, num_classes=num_classes,
+                          prompt_tokens=prompt_tokens, lora_backend=lora_backend,
+                          adapters=adapters)
+    r = train.recipe
+    if r.nf4 or r.stage or r.fsdp:
+        raise _cannot_run(r.regime)
+    lora, optimizer, impl = train.lora, train.optimizer, train.optimizer_impl
+    num_classes, prompt_tokens = train.num_classes, train.prompt_tokens
+    lora_backend, adapters = train.lora_backend, train.adapters
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.dtype)
     extra: dict[str, nn.Module] = {}
     loss_fn = _lm_loss(model)
 
-    if regime in ("full", "mixed"):
-        if regime == "mixed" and any(p.dtype != torch.float32 for p in model.parameters()):
+    if r.full:
+        if r.notes_mixed and any(p.dtype != torch.float32 for p in model.parameters()):
             raise MemplanError("the mixed regime keeps fp32 weights; build the model in fp32")
+        if dtype is not None:  # pure 16-bit: weights, gradients and states in that dtype
+            cast_floating(model, dtype)
         for param in model.parameters():
             param.requires_grad_(True)
-    elif regime in ("lora", "lora-bf16"):
+    elif r.lora:
         spec = lora or LoraSpec()
         if lora_backend == "peft":  # a Hugging Face model, wrapped by PEFT (fp32 adapters)
             from memplan.nn.hf import apply_peft_lora
@@ -298,23 +368,25 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
             # bf16 base, without its Module.to, which cannot swap FakeTensor parameters.
             _freeze(model)
             apply_peft_lora(model, spec)
-            if regime == "lora-bf16":
-                cast_floating(model, torch.bfloat16, keep=lambda name: "lora_" in name)
+            if dtype is not None:
+                cast_floating(model, dtype, keep=lambda name: "lora_" in name)
         else:
-            if regime == "lora-bf16":
-                cast_floating(model, torch.bfloat16)  # the frozen base; then fp32 adapters
+            if dtype is not None:
+                cast_floating(model, dtype)  # the frozen base; then fp32 adapters
             apply_lora(model, spec.rank, spec.alpha, spec.targets,
                        train_embeddings=spec.train_embeddings,
-                       adapter_dtype=torch.float32 if regime == "lora-bf16" else None,
+                       adapter_dtype=torch.float32 if dtype is not None else None,
                        adapters=adapters)
-    elif regime == "classifier":
+    elif r.trains == "head":
         extra, loss_fn = _classifier(model, num_classes)
-    elif regime == "input-adapter":
+    elif r.trains == "input-embedding":
         extra, loss_fn = _input_adapter(model)
-    elif regime == "prompt-tuning":
+    elif r.trains == "prompt":
         extra, loss_fn = _prompt_tuning(model, prompt_tokens)
-    elif regime == "bitfit":
+    elif r.bitfit:
         _freeze(model)
+        if dtype is not None:
+            cast_floating(model, dtype)
         biases = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
         if not biases:
             raise MemplanError("the model has no bias parameters, so bitfit trains nothing; "
@@ -325,12 +397,19 @@ def prepare(model: nn.Module, regime: str, *, lora: LoraSpec | None = None,
     if shard is not None:
         shard(model)
     trainable = _trainable(model, extra)
-    if regime == "mixed":
+    if r.notes_mixed:
         opt: torch.optim.Optimizer = (
             MixedAdamW(trainable, lr=lr) if optimizer == "adamw" else
             MixedSGD(trainable, lr=lr,
                      momentum=SGD_MOMENTUM if optimizer == "sgd-momentum" else 0.0))
     else:
-        opt = build_optimizer(trainable, optimizer, impl, lr=lr)
-    return TrainingSetup(model=model, regime=regime, optimizer=opt, trainable=trainable,
-                         extra_modules=extra, loss_fn=loss_fn)
+        # the Trainer keeps the nn.Embedding weights' 8-bit AdamW states in 32 bits
+        fp32 = embedding_weights(model, *extra.values()) if r.loop == "trainer" else ()
+        opt = build_optimizer(trainable, optimizer, impl, lr=lr, fp32_state=fp32)
+    scaler = None
+    if r.autocast == "fp16":  # the Trainer's fp16=True: a GradScaler on the loss and step
+        device = next(iter(trainable.values())).device.type
+        scaler = torch.amp.GradScaler(device)
+    return TrainingSetup(model=model, regime=r.regime, optimizer=opt, trainable=trainable,
+                         extra_modules=extra, loss_fn=loss_fn, autocast=r.autocast,
+                         keep_outputs=r.keeps_outputs, scaler=scaler)

@@ -93,7 +93,7 @@ def find_model(name: str, as_family: str | None = None) -> tuple[ModelSpec, str]
     try:
         path = Path(key).expanduser() if key else None
         local = path is not None and path.exists()
-    except (OSError, ValueError):  # a name too long for a path, or with a NUL
+    except (OSError, ValueError, RuntimeError):  # too long, a NUL, ~user unknown
         local = False
     if local:
         return load_config(path, as_family=as_family), f"config {path}"

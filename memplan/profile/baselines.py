@@ -23,5 +23,6 @@ def accelerate_training_bytes(spec: ModelSpec, train: TrainSpec) -> int | None:
 
     model = build_hf_model(spec, device="meta")
     total, _ = calculate_maximum_sizes(model.hf)
-    precision = "bfloat16" if train.regime in ("mixed", "lora-bf16") else "float32"
+    precision = "bfloat16" if train.recipe.notes_mixed or train.recipe.dtype == "bf16" \
+        else "float32"
     return int(max(estimate_training_usage(total, precision).values()))

@@ -29,6 +29,7 @@ import os
 import pickle
 import tempfile
 import time
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -43,7 +44,7 @@ from memplan.nn.optim import optimizer_state_tensors
 from memplan.nn.regimes import prepare
 from memplan.profile.fsdp_terms import TermTracker, fsdp_params
 from memplan.profile.sharding import SHARDABLE_REGIMES, check_sharded, fsdp_facts, shard_model
-from memplan.profile.step import Measurement
+from memplan.profile.step import Measurement, output_tensors
 from memplan.spec import ModelSpec, TrainSpec
 
 __all__ = ["SHARDABLE_REGIMES", "INJECT_ENV", "measure_sharded", "measure_fake_sharded",
@@ -102,8 +103,9 @@ def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc:
     torch.manual_seed(seed)  # the same weights (and LoRA A) on every rank
     model = build_model(spec, device=torch_device, attention=train.attention,
                         checkpointing=train.checkpointing)
-    setup = prepare(model, regime, lora=train.lora, optimizer=train.optimizer,
-                    impl=train.optimizer_impl,
+    # the job as one process runs it (zero runs as full); the wrapper shards it
+    local = replace(train, regime=regime, gpus=1, shard="none", param_dtype="fp32")
+    setup = prepare(model, local,
                     shard=partial(shard_model, mesh=mesh,
                                   reshard_after_forward=reshard_after_forward,
                                   param_dtype=train.param_dtype))
@@ -137,6 +139,8 @@ def _run_rank(spec: ModelSpec, train: TrainSpec, mesh: Any, *, rank: int, nproc:
             if grad_buffers:  # the mixed recipe's bf16 sharded gradients
                 reg(list(grad_buffers.values()), "gradients", "sharded_grads")
             reg([ids, labels], "activations", "inputs")
+            # the manual loop's outputs of the warm-up, alive into the first forward
+            reg(output_tensors(setup.outputs), "activations", "inputs")
             tracker.watch_params(list(setup.trainable.values()))
             if terms:
                 tracker.watch_unsharded([fp._unsharded_param for fp in records

@@ -59,19 +59,23 @@ def dry_run(cfg: dict[str, Any], train: TrainSpec, steps: int = 1) -> DryRun:
 
     from memplan.nn.optim import build_optimizer, optimizer_state_tensors
     from memplan.nn.regimes import cast_floating
+    from memplan.profile.step import output_tensors
     from memplan.profile.trackers import make_tracker
 
-    if train.regime not in DRY_RUN_REGIMES:
+    r = train.recipe
+    if train.regime not in DRY_RUN_REGIMES or train.dtype or r.autocast != "none" \
+            or r.grad_accum > 1 or r.optimizer not in ("adamw", "sgd", "sgd-momentum"):
         raise MemplanError(f"a model type with no profile is measured for regimes "
-                           f"{', '.join(DRY_RUN_REGIMES)} only; got --regime {train.regime}")
+                           f"{', '.join(DRY_RUN_REGIMES)} only, as they are (torch.optim, no "
+                           f"autocast or accumulation); got {r.label}")
     batch, seq = train.batch or 1, train.seq or 1
     start = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=False):
         model = _build(cfg, train)
         params = sum(p.numel() for p in model.parameters())
-        if train.regime != "full":
+        if r.lora:
             model = _peft(model, train)
-            if train.regime == "lora-bf16":
+            if r.dtype == "bf16":
                 cast_floating(model, torch.bfloat16, keep=lambda name: "lora_" in name)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = build_optimizer(trainable, train.optimizer, train.optimizer_impl)
@@ -79,9 +83,14 @@ def dry_run(cfg: dict[str, Any], train: TrainSpec, steps: int = 1) -> DryRun:
         ids = torch.randint(vocab, (batch, seq))
         labels = torch.randint(vocab, (batch, seq))
 
+        kept: list[Any] = []  # the manual loop's outputs, replaced when the next forward returns
+
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+            out = model(input_ids=ids, labels=labels, use_cache=False)
+            kept[:] = [out] if r.keeps_outputs else []
+            loss = out.loss
+            del out
             loss.backward()
             del loss
             opt.step()
@@ -93,6 +102,7 @@ def dry_run(cfg: dict[str, Any], train: TrainSpec, steps: int = 1) -> DryRun:
             tracker.register([model], "weights")
             tracker.register(optimizer_state_tensors(opt), "optimizer_states")
             tracker.register([ids, labels], "activations")
+            tracker.register([t for o in kept for t in output_tensors(o)], "activations")
             tracker.watch_params(trainable)
             tracker.reset_peak()
             for _ in range(steps):

@@ -72,7 +72,7 @@ from memplan.planner import DEFAULT_RESERVE_BYTES
 from memplan.spec import LoraSpec
 from memplan.units import format_bytes
 
-BUDGET_SECONDS = 480.0  # the whole script: 8 minutes on one H100 or H200 (issue 15)
+BUDGET_SECONDS = 480.0  # the whole script: 8 minutes on one H100 or H200
 WRITE_MARGIN_SECONDS = 30.0  # kept for writing the reports (matplotlib: a few seconds)
 CHECK_NAME = "gpu-check-cuda"
 DRY_LABEL = "DRY RUN on the CPU: every CUDA reading is a zero placeholder, not a measurement"

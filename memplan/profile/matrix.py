@@ -1,14 +1,15 @@
 """The validation matrices: which jobs `memplan validate` profiles against their plans.
 
 Rows are data (model, the TrainSpec fields that differ from the defaults, and optionally
-ModelSpec fields to change), chosen to cover
-issue 5's matrix: both reference architectures; every regime the profiler runs (full, mixed,
-lora on all/mlp/attention/named targets, lora on a bf16 base, classifier, input-adapter,
-prompt-tuning, bitfit); ranks 1 to 64; batch 1 to 8; seq 32 to 512; checkpointing on and off;
-sdpa and eager; fused, foreach and for-loop optimizers; AdamW, SGD with momentum. The
-``stress`` rows shrink the vocabulary so that the peak moves from the loss into a block's
-backward (eager scores at long sequences, checkpoint recomputation), and add a Qwen2-style
-shape (q/k/v biases, grouped-query attention, tied embeddings) and dropout.
+ModelSpec fields to change), chosen to cover: both reference architectures; every regime the
+profiler runs (full, mixed, lora on all/mlp/attention/named targets, lora on a bf16 base,
+classifier, input-adapter, prompt-tuning, bitfit); ranks 1 to 64; batch 1 to 8; seq 32 to
+512; checkpointing on and off; sdpa and eager; fused, foreach and for-loop optimizers;
+AdamW, SGD with momentum; and the jobs as choices (autocast, pure bf16, 8-bit AdamW,
+Adafactor, accumulation, both loops). The ``stress`` rows shrink the vocabulary so that the
+peak moves from the loss into a block's backward (eager scores at long sequences, checkpoint
+recomputation), and add a Qwen2-style shape (q/k/v biases, grouped-query attention, tied
+embeddings) and dropout.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ CPU_MATRIX += [(m, kw, SMALL_VOCAB) for m in ("llama-tiny", "gpt2-tiny") for kw 
     ("llama-tiny", dict(regime="lora", batch=4, seq=128, checkpointing=True), {"dropout": 0.1}),
     ("gpt2-tiny", dict(regime="lora", batch=1, seq=256), {"dropout": 0.1}),  # one sequence
 ]
-# Multi-adapter LoRA (issue 16): K adapters on one frozen base, ``batch`` samples each.
+# Multi-adapter LoRA: K adapters on one frozen base, ``batch`` samples each.
 CPU_MATRIX += [(m, kw) for m in ("llama-tiny", "gpt2-tiny") for kw in (
     dict(regime="lora", batch=2, seq=64, adapters=2),
     dict(regime="lora", batch=1, seq=128, adapters=4, lora=LoraSpec(rank=4, targets="attention")),
@@ -79,9 +80,30 @@ CPU_MATRIX += [(m, kw) for m in ("llama-tiny", "gpt2-tiny") for kw in (
     dict(regime="lora", batch=2, seq=64, adapters=4, checkpointing=True),
 )]
 
+# The jobs people run, as choices: the Trainer's bf16=True (autocast over fp32 weights, its
+# loop), pure bf16, LoRA on a bf16 base under autocast, 8-bit and paged AdamW, Adafactor,
+# fp16 autocast with its gradient scaler, accumulation of 4, and both loops.
+JOB_ROWS: list[dict] = [
+    dict(regime="full", batch=2, seq=128, autocast="bf16", loop="trainer"),
+    dict(regime="full", batch=2, seq=128, autocast="bf16"),
+    dict(regime="full", batch=2, seq=64, autocast="fp16"),
+    dict(regime="full", batch=2, seq=128, dtype="bf16"),
+    dict(regime="lora", batch=4, seq=128, autocast="bf16"),
+    dict(regime="lora", batch=4, seq=128, dtype="bf16", autocast="bf16"),
+    dict(regime="full", batch=2, seq=64, optimizer="adamw-8bit"),
+    dict(regime="lora", batch=2, seq=64, optimizer="paged-adamw-8bit", loop="trainer"),
+    dict(regime="full", batch=2, seq=64, optimizer="adafactor"),
+    dict(regime="lora", batch=2, seq=64, optimizer="adafactor", dtype="bf16"),
+    dict(regime="full", batch=2, seq=64, grad_accum=4),
+    dict(regime="lora", batch=2, seq=128, grad_accum=4, loop="trainer"),
+    dict(regime="lora", batch=4, seq=256, loop="trainer"),
+    dict(regime="full", batch=2, seq=64, dtype="bf16", optimizer="adamw-8bit", grad_accum=2),
+]
+CPU_MATRIX += _both(JOB_ROWS)
+
 QUICK_MATRIX: list[Row] = [CPU_MATRIX[i] for i in (0, 1, 14, 16, 17, 29, 30, 33, 39)]
 
-# Fake mode: 7B-class presets at batch 1 to 4 and seq 512 to 4096 (issue 5), bf16 bases.
+# Fake mode: 7B-class presets at batch 1 to 4 and seq 512 to 4096, bf16 bases.
 FAKE_MATRIX: list[Row] = [
     (m, kw) for m in ("llama-2-7b", "mistral-7b", "llama-3-8b") for kw in (
         dict(regime="lora", batch=1, seq=512),
@@ -97,14 +119,24 @@ FAKE_MATRIX: list[Row] = [
     ("gpt2", dict(regime="full", batch=2, seq=1024), {"dropout": 0.1}),  # the preset's own
     ("gpt2", dict(regime="full", batch=1, seq=512), {"dropout": 0.1}),
 ]
-FAKE_MATRIX += [  # multi-adapter LoRA (issue 16): K = 4 adapters on one 7B base
+FAKE_MATRIX += [  # multi-adapter LoRA: K = 4 adapters on one 7B base
     ("llama-2-7b", dict(regime="lora", batch=1, seq=512, adapters=4)),
     ("llama-2-7b", dict(regime="lora-bf16", batch=1, seq=4096, checkpointing=True, adapters=4)),
+]
+FAKE_MATRIX += [  # the jobs people run, at 7B-class sizes
+    # the Trainer's bf16=True with paged AdamW 8-bit and accumulation of 4
+    ("llama-3-8b", dict(regime="full", batch=2, seq=2048, autocast="bf16",
+                        optimizer="paged-adamw-8bit", grad_accum=4, loop="trainer")),
+    ("llama-2-7b", dict(regime="full", batch=1, seq=1024, dtype="bf16")),  # pure bf16
+    ("mistral-7b", dict(regime="lora", batch=2, seq=2048, dtype="bf16", autocast="bf16")),
+    ("llama-2-7b", dict(regime="full", batch=1, seq=512, optimizer="adafactor")),
+    ("llama-3-8b", dict(regime="lora-bf16", batch=2, seq=2048, optimizer="paged-adamw-8bit",
+                        grad_accum=4, loop="trainer")),
 ]
 QUICK_FAKE: list[Row] = FAKE_MATRIX[:2]
 
 
-# Hugging Face transformers models (issue 9): Llama, Mistral-, Qwen2- and GPT-2-shaped, with
+# Hugging Face transformers models: Llama, Mistral-, Qwen2- and GPT-2-shaped, with
 # memplan's LoRALinear or PEFT, fp32 and bf16 bases, checkpointing on and off.
 _HF = {"impl": "hf"}
 _PEFT = {"impl": "hf", "lora_backend": "peft"}
@@ -145,11 +177,25 @@ HF_FAKE_MATRIX: list[Row] = [
     ("gpt2-medium", dict(regime="mixed", batch=2, seq=1024) | _HF, {}),
 ]
 # Every other family's rows live beside its profile (memplan/arch/<family>.py).
+HF_CPU_MATRIX += [  # the jobs people run, on Hugging Face's models (PEFT for LoRA)
+    (m, kw | (_PEFT if kw["regime"] == "lora" else _HF), {})
+    for m in ("llama-tiny", "gpt2-tiny") for kw in JOB_ROWS[:10]
+]
+HF_FAKE_MATRIX += [
+    ("llama-3-8b", dict(regime="full", batch=2, seq=2048, autocast="bf16",
+                        optimizer="paged-adamw-8bit", grad_accum=4, loop="trainer") | _HF, {}),
+    # a hand-written loop keeps the logits: 4096 tokens × 151,936 in fp32
+    ("qwen2.5-0.5b", dict(regime="full", batch=8, seq=512) | _HF, {}),
+    ("qwen2.5-0.5b", dict(regime="full", batch=8, seq=512, loop="trainer") | _HF, {}),
+    ("qwen2.5-0.5b", dict(regime="lora", batch=4, seq=1024, dtype="bf16", autocast="bf16")
+     | _PEFT, {}),
+    ("mistral-7b", dict(regime="full", batch=1, seq=2048, dtype="bf16") | _HF, {}),
+]
 HF_CPU_MATRIX += arch.validation_rows("HF_CPU_ROWS")
 HF_FAKE_MATRIX += arch.validation_rows("HF_FAKE_ROWS")
 
 
-# FSDP2 (issue 6): ``gpus`` is the number of ranks. Real gloo processes for both reference
+# FSDP2: ``gpus`` is the number of ranks. Real gloo processes for both reference
 # architectures, full (zero), mixed and LoRA over 2 and 4 ranks, plus SHARD_GRAD_OP, a bf16
 # base, checkpointing and the foreach optimizer; then 7B and 70B over 8 to 1024 fake ranks.
 FSDP_CPU_MATRIX: list[Row] = [
@@ -198,7 +244,7 @@ def matrix_for(device: str, quick: bool, impl: str = "memplan",
     return QUICK_MATRIX if quick else CPU_MATRIX
 
 
-# Serving (issue 16): Hugging Face inference with a DynamicCache, a prefill then decode steps
+# Serving: Hugging Face inference with a DynamicCache, a prefill then decode steps
 # (memplan.profile.serve_measure against memplan.serve.plan_hf_inference). Each row: model,
 # batch, prompt tokens, decode steps, dtype.
 # a serving row: model, batch, prompt, decode steps, dtype, and optionally K resident PEFT

@@ -32,11 +32,17 @@ def check_sharded(train: TrainSpec, nproc: int) -> str:
         raise MemplanError(f"--nproc must be a positive integer, got {nproc!r}")
     if not train.has_activations:
         raise MemplanError("profiling runs real steps: give --batch and --seq")
-    if train.regime not in SHARDABLE_REGIMES:
+    r = train.recipe
+    if not r.shardable:
         raise MemplanError(f"regime {train.regime!r} cannot be measured sharded: its trainable "
                            f"parameters live outside the model; shardable regimes: "
                            f"{', '.join(SHARDABLE_REGIMES)}")
-    return "full" if train.regime == "zero" else train.regime
+    preset = TrainSpec(regime=train.regime).recipe
+    if (r.dtype, r.autocast, r.grad_accum) != (preset.dtype, "none", 1):
+        raise MemplanError("the sharded profiler runs the regimes' own dtypes without autocast "
+                           "or accumulation; drop --dtype, --autocast and --grad-accum, or "
+                           "measure one process")
+    return "full" if r.fsdp else train.regime
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

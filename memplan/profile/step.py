@@ -92,10 +92,7 @@ def measure(spec: ModelSpec, train: TrainSpec, device: str = "cpu", steps: int =
         else:
             model = build_model(spec, device=torch_device, attention=train.attention,
                                 checkpointing=train.checkpointing)
-        setup = prepare(model, train.regime, lora=train.lora, optimizer=train.optimizer,
-                        impl=train.optimizer_impl, num_classes=train.num_classes,
-                        prompt_tokens=train.prompt_tokens, lora_backend=train.lora_backend,
-                        adapters=train.adapters)
+        setup = prepare(model, train)
         if train.adapters > 1:  # K adapters, batch samples each: sample i → adapter i // batch
             from memplan.nn.lora import set_adapter_index
 
@@ -105,7 +102,8 @@ def measure(spec: ModelSpec, train: TrainSpec, device: str = "cpu", steps: int =
         labels = torch.randint(spec.vocab_size, (train.step_batch, train.seq), generator=gen)
         classes = torch.randint(train.num_classes, (train.step_batch,), generator=gen)
         ids, labels, classes = (t.to(torch_device) for t in (ids, labels, classes))
-        setup.train_step(ids, labels, classes)  # warm-up: optimizer states now exist
+        # warm-up: optimizer states now exist
+        setup.train_step(ids, labels, classes, accumulate=train.grad_accum)
         setup.zero_grad()
         tracker = make_tracker(device, **({"capacity_bytes": capacity_bytes}
                                           if capacity_bytes else {}))
@@ -119,15 +117,18 @@ def measure(spec: ModelSpec, train: TrainSpec, device: str = "cpu", steps: int =
                 if grad_buffers:
                     tracker.register(list(grad_buffers.values()), "gradients")
                 tracker.register([ids, labels], "activations")
+                # the manual loop's outputs of the warm-up, alive into the first forward
+                tracker.register(output_tensors(setup.outputs), "activations")
                 tracker.watch_params(params)
                 tracker.reset_peak()
-                for _ in range(steps):
+                for _ in range(steps):  # the loop: outputs kept or dropped by the setup
                     setup.zero_grad()
-                    loss = setup.loss(ids, labels, classes)
-                    tracker.mark("forward_end")
-                    setup.backward(loss)
-                    tracker.mark("backward_end")
-                    del loss
+                    for _ in range(train.grad_accum):  # micro-batches; their grads add up
+                        loss = setup.loss(ids, labels, classes)
+                        tracker.mark("forward_end")
+                        setup.backward(loss)
+                        tracker.mark("backward_end")
+                        del loss
                     setup.step()
                     tracker.mark("step_end")
         except OutOfMemory as exc:
@@ -137,3 +138,12 @@ def measure(spec: ModelSpec, train: TrainSpec, device: str = "cpu", steps: int =
     extra = dict(getattr(tracker, "extra", {}) or {})
     return Measurement(device, tracker.peak_bytes, tracker.peak_components, dict(tracker.marks),
                        setup.num_trainable, time.perf_counter() - start, extra=extra)
+
+
+def output_tensors(outputs: object) -> list[torch.Tensor]:
+    """The tensors of what a model returned (a tensor, or a Hugging Face ModelOutput)."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        return [v for v in outputs.values() if isinstance(v, torch.Tensor)]
+    return []
