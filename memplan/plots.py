@@ -64,7 +64,11 @@ def _job_text(train: TrainSpec) -> str:
     if not train.has_activations:
         return "model states only, activations excluded"
     extra = ", checkpointing" if train.checkpointing else ""
-    return f"batch {train.batch} × seq {train.seq}, {train.attention}{extra}"
+    if train.autocast != "none":
+        extra += f", autocast {train.autocast}"
+    if train.grad_accum > 1:
+        extra += f", {train.grad_accum} micro-batches"
+    return f"batch {train.batch} × seq {train.seq}, {train.attention}{extra}, {train.loop} loop"
 
 
 def _regime_label(regime: str, formula: str, train: TrainSpec) -> str:

@@ -228,7 +228,8 @@ def _check_adapters(train: TrainSpec) -> None:
                            f"got {k!r}; try --adapters 2")
     if k == 1:
         return
-    if train.regime not in ("lora", "lora-bf16"):
+    preset = PRESETS[train.regime]
+    if not preset.lora or preset.nf4:
         raise MemplanError(f"--adapters {k} trains K LoRA adapters; use --regime lora or "
                            f"lora-bf16, not {train.regime}")
     if train.lora_backend == "peft":

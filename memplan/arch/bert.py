@@ -128,7 +128,7 @@ class Bert(Profile):
             raise MemplanError(f"--seq {train.seq} is longer than {spec.name}'s "
                                f"{self.max_seq(spec)} positions; use --seq "
                                f"{self.max_seq(spec)} or less")
-        if train.regime != "classifier" and train.num_classes != labels:
+        if train.recipe.trains != "head" and train.num_classes != labels:
             raise MemplanError(f"--classes {train.num_classes} contradicts {spec.name}'s head "
                                f"of num_labels {labels}; set num_labels in its config.json")
         if labels < 2 and train.recipe.trains != "head":

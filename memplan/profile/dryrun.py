@@ -63,7 +63,8 @@ def dry_run(cfg: dict[str, Any], train: TrainSpec, steps: int = 1) -> DryRun:
     from memplan.profile.trackers import make_tracker
 
     r = train.recipe
-    if train.regime not in DRY_RUN_REGIMES or train.dtype or r.autocast != "none" \
+    plain = r.trains in ("all", "lora") and not (r.nf4 or r.stage or r.fsdp or r.notes_mixed)
+    if not plain or train.dtype or r.autocast != "none" \
             or r.grad_accum > 1 or r.optimizer not in ("adamw", "sgd", "sgd-momentum"):
         raise MemplanError(f"a model type with no profile is measured for regimes "
                            f"{', '.join(DRY_RUN_REGIMES)} only, as they are (torch.optim, no "

@@ -6,7 +6,7 @@ One run, inside a time budget (8 minutes by default, the device tool's share for
    ``reports/validation-cuda.{json,md,png}``;
 2. the rows of ``memplan validate --device cuda --quick --impl hf``: writes
    ``reports/validation-hf-cuda.{json,md,png}``;
-3. real-size rows (:data:`SCALE_ROWS`: 0.5B to 8B models, 23 to 100 GiB planned), as the
+3. real-size rows (:data:`SCALE_ROWS`: 0.5B to 8B models, 24 to 101 GiB planned), as the
    budget allows;
 
 and around every job reads the CUDA caching allocator and the device
@@ -78,17 +78,24 @@ CHECK_NAME = "gpu-check-cuda"
 DRY_LABEL = "DRY RUN on the CPU: every CUDA reading is a zero placeholder, not a measurement"
 SUITES = ("validate", "hf", "scale")
 
-# Real-size jobs, most telling first. The first is the issue's question (Llama-3-8B LoRA at
+# Real-size jobs, most telling first. The first is the users' question (Llama-3-8B LoRA at
 # rank 16, batch 4 × 2048) on a bf16 base with checkpointing; then the same without
-# checkpointing (activations at scale), the Hugging Face + PEFT 7B rows of the fake matrix,
-# a large-vocabulary full fine-tune, and a 7B full fine-tune near the card's capacity, where
-# the allocator's fragmentation matters most. Planned peaks (runtime cuda): 29.3, 72.3, 47.7,
-# 22.9, 39.2 and 100.4 GiB, all under an H100's 80 GB but the last (H200: 140 GiB).
+# checkpointing (activations at scale), the Trainer's bf16=True (autocast) on a full
+# fine-tune and on PEFT's LoRA, the Hugging Face + PEFT 7B rows of the fake matrix, a
+# large-vocabulary full fine-tune, and a 7B full fine-tune near the card's capacity, where
+# the allocator's fragmentation matters most. Planned peaks (runtime cuda, manual loop where
+# not the Trainer's): 31.3, 74.3, 32.6, 39.1, 48.0, 23.9, 43.9 and 100.6 GiB, all under an
+# H100's 80 GB but the last (H200: 140 GiB).
 _PEFT = {"impl": "hf", "lora_backend": "peft"}
 SCALE_ROWS: tuple[tuple, ...] = (
     ("llama-3-8b", dict(regime="lora-bf16", batch=4, seq=2048, lora=LoraSpec(rank=16),
                         checkpointing=True)),
     ("llama-3-8b", dict(regime="lora-bf16", batch=4, seq=2048, lora=LoraSpec(rank=16))),
+    # the Trainer's bf16=True on CUDA: autocast's cast cache and its fp32 op list
+    ("qwen2.5-0.5b", dict(regime="full", batch=8, seq=1024, impl="hf", autocast="bf16",
+                          loop="trainer"), {}),
+    ("llama-2-7b", dict(regime="lora-bf16", batch=2, seq=2048, autocast="bf16",
+                        loop="trainer") | _PEFT, {}),
     ("llama-2-7b", dict(regime="lora-bf16", batch=2, seq=2048) | _PEFT, {}),
     ("llama-2-7b", dict(regime="lora-bf16", batch=4, seq=4096, checkpointing=True) | _PEFT, {}),
     ("qwen2.5-0.5b", dict(regime="full", batch=8, seq=1024, impl="hf"), {}),
