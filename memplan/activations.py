@@ -157,7 +157,16 @@ def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fs
     hidden = profile.final_norm(tape, job, x)
     tape.free(x, *held)
     if r.trains == "head":
-        return getattr(profile, "classifier_head", _classifier_head)(tape, job, hidden)
+        head = getattr(profile, "classifier_head", _classifier_head)(tape, job, hidden)
+        if not profile.no_grad_forward_validated or spec.dropout > 0:
+            from dataclasses import replace
+
+            why = "with dropout" if spec.dropout > 0 else f"on {spec.family}"
+            head = replace(head, notes=(*head.notes, (
+                f"approximation: the classifier regime {why} runs its backbone without "
+                "grad in training mode, a forward memplan has measured above this plan; "
+                "check it with `memplan profile`")))
+        return head
     loss = profile.loss(tape, job, hidden, target, embed_rg and spec.tie_embeddings)
     if autocast is not None:
         autocast.exit(tape)

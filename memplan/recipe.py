@@ -289,7 +289,7 @@ def _check(train: TrainSpec, p: Preset, r: Recipe) -> None:
             f"--regime {train.regime} fixes its dtype ({p.dtype}"
             f"{' weights, bf16 gradients' if p.notes_mixed else ''}); drop --dtype"
             + (f", or use {instead}" if instead else ""))
-    if r.dtype != "fp32" and r.trains in ("head", "input-embedding", "prompt"):
+    if r.dtype != "fp32" and r.trains in ("input-embedding", "prompt"):
         raise MemplanError(f"--dtype {r.dtype} with --regime {r.regime} is not planned yet "
                            "(a 16-bit backbone under a new fp32 module); use --dtype fp32, "
                            "or --regime lora")

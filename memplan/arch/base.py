@@ -176,6 +176,9 @@ class Profile:
     attentions: tuple[str, ...] = ("sdpa", "eager", "flash")  # kernels it trains with
     conv1d: bool = False                  # linears are GPT-2's Conv1D (PEFT: fan_in_fan_out)
     reference_model: bool = False         # memplan.nn.models builds it (--impl memplan)
+    # The classifier regime runs the backbone under no_grad in training mode; where that
+    # forward was measured above its plan, the plan says it is an approximation.
+    no_grad_forward_validated: bool = True
     eager_softmax_fp32: bool = True       # eager attention's softmax upcasts to fp32
     body: str = "model"                   # attribute of the causal LM holding the body
     hf_auto_class: str = "AutoModelForCausalLM"

@@ -162,6 +162,7 @@ class Gemma(Llama):
 
 class Gemma2(Gemma):
     family = "gemma"
+    no_grad_forward_validated = False  # classifier: measured 1.6% above on gemma2-tiny
     model_types = ("gemma2",)
     attentions = ("eager",)
     source = "transformers Gemma2ForCausalLM"

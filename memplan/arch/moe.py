@@ -51,6 +51,7 @@ class Stacked(LinearShape):
 
 
 class MoE(Llama):
+    no_grad_forward_validated = False  # classifier: measured 4% above on mixtral-tiny
     """A Llama-style decoder whose MLP is a routed mixture of experts (see the module doc)."""
 
     reference_model = False

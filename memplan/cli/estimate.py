@@ -129,6 +129,10 @@ def estimate(
     out.print(estimate_table(f"peak memory per GPU ({title})", rows))
     for line in shared_lines:
         out.print(line, markup=False)
+    for label, breakdown, _ in rows:  # what a plan labels an approximation
+        for note in breakdown.notes:
+            if note.startswith("approximation:"):
+                out.print(f"{label}: {note}", markup=False)
     for label, why in skipped.items():
         out.print(f"not planned: {label}: {why}", markup=False)
     out.print(f"fits on: after a runtime reserve of {reserve_bytes / 2**30:.2f} GiB per GPU "

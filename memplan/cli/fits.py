@@ -180,6 +180,9 @@ def _print(job, answer: _Answer, regime: str, gpus: int, label: str, capacity: i
               f"{format_bytes(result.breakdown.total_bytes)} + reserve "
               f"{format_bytes(result.reserve_bytes)}) of {format_bytes(capacity)}; "
               f"headroom {format_bytes(result.headroom_bytes)}", markup=False)
+    for note in result.breakdown.notes:  # what the plan labels an approximation
+        if note.startswith("approximation:"):
+            out.print(f"[yellow]{escape(note)}[/yellow]")
     if answer.mode == "model_states":
         out.print("give --batch and --seq to plan the whole step, or --seq alone for the "
                   "largest batch that fits", markup=False)

@@ -378,6 +378,8 @@ def prepare(model: nn.Module, regime: str | TrainSpec, *, lora: LoraSpec | None 
                        adapter_dtype=torch.float32 if dtype is not None else None,
                        adapters=adapters)
     elif r.trains == "head":
+        if dtype is not None:  # the frozen backbone; the new head stays fp32
+            cast_floating(model, dtype)
         extra, loss_fn = _classifier(model, num_classes)
     elif r.trains == "input-embedding":
         extra, loss_fn = _input_adapter(model)
