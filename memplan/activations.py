@@ -17,7 +17,7 @@ The eager path adds the s² score matrices; frozen weights drop the inputs only 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from memplan import arch, ops
@@ -36,6 +36,7 @@ class ActivationPlan:
     backward: Moment          # the largest moment of the backward pass
     notes: tuple[str, ...] = ()
     outputs_bytes: int = 0    # the manual loop's kept outputs (logits), live into the step
+    inputs_bytes: int = 0     # the batch (input ids, labels), held by the loop to the end
 
 
 def plan_activations(spec: ModelSpec, train: TrainSpec, state: ModelState,
@@ -158,9 +159,8 @@ def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fs
     tape.free(x, *held)
     if r.trains == "head":
         head = getattr(profile, "classifier_head", _classifier_head)(tape, job, hidden)
+        head = replace(head, inputs_bytes=batch.nbytes)
         if not profile.no_grad_forward_validated or spec.dropout > 0:
-            from dataclasses import replace
-
             why = "with dropout" if spec.dropout > 0 else f"on {spec.family}"
             head = replace(head, notes=(*head.notes, (
                 f"approximation: the classifier regime {why} runs its backbone without "
@@ -174,7 +174,8 @@ def _walk(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime: str, fs
     tape.end_forward()
     notes = ("checkpointing: each block is recomputed in backward",) if ckpt else ()
     return ActivationPlan(tape.forward_peak, tape.backward(loss), notes,
-                          outputs_bytes=sum(t.nbytes for t in job.outputs))
+                          outputs_bytes=sum(t.nbytes for t in job.outputs),
+                          inputs_bytes=batch.nbytes)
 
 
 def _scaled(tape: Tape, dtype: str, loss: Sym) -> Sym:
@@ -238,8 +239,6 @@ def plan_inference(spec: ModelSpec, batch: int, seq: int, itemsize: int, sampled
     resident and unmerged on its targets, the batch a mixed-adapter batch of K equal shares
     (PEFT's ``adapter_names=``; :func:`memplan.ops.linear`'s inference branch).
     """
-    from dataclasses import replace
-
     impl = "hf" if hf else "memplan"
     profile = arch.profile_of(spec)
     # eval mode: every dropout is the identity (and sdpa never falls back to its math path)

@@ -39,14 +39,14 @@ from memplan import optimizer as O
 from memplan import params as P
 from memplan.arch.base import Weight
 from memplan.errors import MemplanError
-from memplan.spec import REGIMES, ModelSpec, TrainSpec
+from memplan.recipe import PRESETS
+from memplan.spec import ModelSpec, TrainSpec
 
 STRATEGIES = ("full-shard", "shard-grad-op")
 # Regimes whose trainable parameters all live inside the model, so FSDP shards and syncs them
 # (:attr:`memplan.recipe.Recipe.shardable`). Heads, input adapters and prompts held outside
 # it are not; QLoRA's NF4 base is bitsandbytes' own storage, not planned sharded here.
-SHARDABLE_REGIMES = tuple(name for name in REGIMES
-                          if TrainSpec(regime=name).recipe.shardable)
+SHARDABLE_REGIMES = tuple(name for name, preset in PRESETS.items() if preset.shardable)
 
 
 def is_sharded(train: TrainSpec) -> bool:

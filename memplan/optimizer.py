@@ -99,11 +99,13 @@ def trainable_tensors(spec: ModelSpec, train: TrainSpec) -> list[TrainTensor]:
     h = spec.hidden_size
     if r.lora:
         rank = train.lora.rank
-        block = [shape for l in P.check_rank(spec, train.lora)
-                 for shape in ((rank, l.in_features), (l.out_features, rank))]
-        shapes = spec.num_layers * block
-        shapes += [shape for l in arch.profile_of(spec).root_lora_linears(spec, train.lora)
-                   for shape in ((rank, l.in_features), (l.out_features, rank))]
+
+        def adapters(layers: tuple) -> list[tuple[int, int]]:  # each layer's A, then B
+            return [shape for l in layers
+                    for shape in ((rank, l.in_features), (l.out_features, rank))]
+
+        shapes = spec.num_layers * adapters(P.check_rank(spec, train.lora)) \
+            + adapters(arch.profile_of(spec).root_lora_linears(spec, train.lora))
         out = [TrainTensor(s, 4) for s in shapes * train.adapters]  # K adapters' own A, B
         if train.lora.train_embeddings:
             out += [TrainTensor(x.shape, w, x.group in EMBEDDING_GROUPS)

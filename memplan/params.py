@@ -55,23 +55,10 @@ def lm_head_params(spec: ModelSpec) -> int:
     return _root(spec, "head")
 
 
-def block_tensor_sizes(spec: ModelSpec) -> list[int]:
-    """Element counts of each parameter tensor of one block."""
-    return [w.numel for w in block_weights(spec)]
-
-
-def param_tensor_sizes(spec: ModelSpec) -> list[int]:
-    """Element counts of every parameter tensor of the model, tied weights once: the root's
-    embeddings, the blocks, then the final norm and head."""
-    root = root_weights(spec)
-    early = [w.numel for w in root if w.group in ("embedding", "position")]
-    late = [w.numel for w in root if w.group not in ("embedding", "position")]
-    return early + spec.num_layers * block_tensor_sizes(spec) + late
-
-
 def trainable_weights(spec: ModelSpec, biases_only: bool = False) -> list[Weight]:
-    """Every parameter tensor of the model (or every bias), tied weights once, in
-    :func:`param_tensor_sizes`'s order: the root's embeddings, the blocks, the rest."""
+    """Every parameter tensor of the model (or every bias), tied weights once, in the order
+    the model registers them: the root's embeddings, the blocks, then the final norm and
+    head."""
     root = root_weights(spec)
     early = [w for w in root if w.group in ("embedding", "position")]
     late = [w for w in root if w.group not in ("embedding", "position")]
@@ -79,9 +66,15 @@ def trainable_weights(spec: ModelSpec, biases_only: bool = False) -> list[Weight
     return [w for w in every if w.bias] if biases_only else every
 
 
+def param_tensor_sizes(spec: ModelSpec) -> list[int]:
+    """Element counts of every parameter tensor of the model (:func:`trainable_weights`)."""
+    return [w.numel for w in trainable_weights(spec)]
+
+
 def count_params(spec: ModelSpec) -> int:
     """N: every parameter of the model, tied weights counted once."""
-    return sum(param_tensor_sizes(spec))
+    return sum(w.numel for w in root_weights(spec)) \
+        + spec.num_layers * sum(w.numel for w in block_weights(spec))
 
 
 def buffer_bytes(spec: ModelSpec) -> int:
@@ -91,8 +84,7 @@ def buffer_bytes(spec: ModelSpec) -> int:
 
 def bias_tensor_sizes(spec: ModelSpec) -> list[int]:
     """Element counts of every bias (linear and LayerNorm), what BitFit trains."""
-    block = [w.numel for w in block_weights(spec) if w.bias]
-    return spec.num_layers * block + [w.numel for w in root_weights(spec) if w.bias]
+    return [w.numel for w in trainable_weights(spec, biases_only=True)]
 
 
 def bias_params(spec: ModelSpec) -> int:

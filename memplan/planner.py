@@ -123,7 +123,7 @@ def _plan(spec: ModelSpec, train: TrainSpec, params: int | None, runtime: str,
         # the manual loop's outputs: the previous step's through this forward (replaced when
         # it returns), this step's through backward (on the tape) and the step
         kept = act.outputs_bytes
-        phases["step"]["activations"] += kept + _batch_bytes(train)
+        phases["step"]["activations"] += kept + act.inputs_bytes
         states_w = states | {"weights": states["weights"] + gather}
         phases["forward"] = _phase(**states_w, gradients=persistent_grads,
                                    activations=act.forward.activations + kept,
@@ -147,12 +147,6 @@ def _plan(spec: ModelSpec, train: TrainSpec, params: int | None, runtime: str,
         model_state_bytes=state.total_bytes, symbols=state.symbols,
         activations_included=train.has_activations, notes=tuple(notes),
     )
-
-
-def _batch_bytes(train: TrainSpec) -> int:
-    """The batch the loop holds through the optimizer step: input ids and labels, int64
-    (the forward and backward count them on the tape)."""
-    return 2 * 8 * train.step_batch * train.seq
 
 
 def _loop_note(r: Recipe, kept: int) -> str:
@@ -198,7 +192,7 @@ def _plan_sharded(spec: ModelSpec, train: TrainSpec, state: ModelState, runtime:
     if train.has_activations:
         act = A.plan_activations(spec, train, state, runtime, fsdp=sched)
         kept = act.outputs_bytes  # the manual loop's outputs (see _plan)
-        phases["step"]["activations"] += kept + _batch_bytes(train)
+        phases["step"]["activations"] += kept + act.inputs_bytes
         for name, moment in (("forward", act.forward), ("backward", act.backward)):
             phases[name] = _phase(weights=states["weights"] + moment.weights,
                                   optimizer_states=states["optimizer_states"],

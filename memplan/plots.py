@@ -73,7 +73,7 @@ def _job_text(train: TrainSpec) -> str:
 
 def _regime_label(regime: str, formula: str, train: TrainSpec) -> str:
     """The legend entry: the regime, the notes' formula, and what its symbols were."""
-    r = replace(train, regime=regime).recipe
+    r = preset(regime)
     if r.fsdp:
         return f"zero: {formula}, G = {train.gpus} GPUs"
     if r.lora:
@@ -349,7 +349,7 @@ def rank_data(spec: ModelSpec, train: TrainSpec, ranks: Sequence[int] = DEFAULT_
     """The data of :func:`rank_figure` (the same arguments), planned but not drawn."""
     from memplan.params import lora_params, resolve_targets
 
-    if not replace(train, regime=regime).recipe.lora:
+    if not preset(regime).lora:
         raise MemplanError(f"a rank plot needs a LoRA regime ({', '.join(LORA_REGIMES)}), "
                            f"got {regime!r}")
     sets = list(target_sets or DEFAULT_TARGET_SETS)

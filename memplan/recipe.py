@@ -62,6 +62,12 @@ class Preset:
         """LoRA adapters train."""
         return self.trains == "lora"
 
+    @property
+    def shardable(self) -> bool:
+        """FSDP can shard it: the trainable parameters live inside the model, the base is not
+        NF4, and it is not one of the paper's stages (sharded already)."""
+        return self.trains in ("all", "lora", "biases") and not self.nf4 and not self.stage
+
 
 PRESETS = {
     "full": Preset("all", symbol="N"),
@@ -151,9 +157,8 @@ class Recipe:
 
     @property
     def shardable(self) -> bool:
-        """FSDP can shard it: the trainable parameters live inside the model, the base is not
-        NF4, and it is not one of the paper's stages (sharded already)."""
-        return self.trains in ("all", "lora", "biases") and not self.nf4 and not self.stage
+        """FSDP can shard it (:attr:`Preset.shardable`: what trains and the base decide)."""
+        return PRESETS[self.regime].shardable
 
     @property
     def eight_bit(self) -> bool:
@@ -165,20 +170,6 @@ class Recipe:
         """The loop keeps the model's outputs through backward and the step."""
         return self.loop == "manual"
 
-    @property
-    def label(self) -> str:
-        """The choices beyond the regime's own, for a plan's title."""
-        parts = [self.regime]
-        preset = PRESETS[self.regime]
-        if self.dtype != preset.dtype:
-            parts.append(self.dtype)
-        if self.autocast != "none":
-            parts.append(f"autocast {self.autocast}")
-        if self.optimizer != "adamw":
-            parts.append(self.optimizer)
-        if self.grad_accum > 1:
-            parts.append(f"accumulation {self.grad_accum}")
-        return ", ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 from memplan.errors import MemplanError
@@ -201,13 +200,14 @@ class TrainSpec:
         if (self.batch is None) != (self.seq is None):
             raise MemplanError("give both --batch and --seq to plan activations, or neither")
         _check_adapters(self)
-        self.__dict__["recipe"] = resolve(self)
+        # resolved once, here: a combination that does not exist is refused when made
+        object.__setattr__(self, "_recipe", resolve(self))
 
-    @cached_property
+    @property
     def recipe(self) -> Recipe:
         """The job resolved into what trains, in which dtypes, with which optimizer state
         (:func:`memplan.recipe.resolve`, run once when the spec is made)."""
-        return resolve(self)
+        return self._recipe
 
     @property
     def step_batch(self) -> int | None:

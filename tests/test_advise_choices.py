@@ -18,6 +18,7 @@ from memplan.cli.options import make_job
 from memplan.fsdp import is_sharded
 from memplan.planner import plan
 from memplan.presets import get_model
+from memplan.recipe import choices_text
 from memplan.spec import LoraSpec, TrainSpec
 
 APP = load_commands()
@@ -159,7 +160,7 @@ def test_full_fp32_gets_bf16_autocast_and_pure_bf16() -> None:
     TrainSpec(regime="qlora", batch=8, seq=512),
     TrainSpec(regime="classifier", batch=8, seq=512),
     TrainSpec(regime="prompt-tuning", batch=8, seq=512),
-], ids=lambda t: t.recipe.label + f" {t.gpus}gpu {t.loop}")
+], ids=lambda t: f"{t.regime} ({choices_text(t)}) {t.gpus}gpu {t.loop}")
 def test_every_recipe_is_searched_and_every_option_plans_what_its_flags_say(job) -> None:
     for divide in (3, 5):
         options = advise_options(TINY, job, need(job) * 2 // divide, 0, max_gpus=4)

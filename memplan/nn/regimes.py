@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memplan.errors import MemplanError, unknown
+from memplan.errors import MemplanError
 from memplan.nn.lora import apply_lora
 from memplan.nn.optim import (
     SGD_MOMENTUM,
@@ -41,7 +41,7 @@ from memplan.nn.optim import (
     build_optimizer,
     embedding_weights,
 )
-from memplan.spec import OPTIMIZERS, REGIMES, LoraSpec, TrainSpec
+from memplan.spec import LoraSpec, TrainSpec
 
 __all__ = ["prepare", "TrainingSetup", "SUPPORTED_REGIMES", "SoftPrompt", "cast_floating"]
 
@@ -225,8 +225,6 @@ def _classifier(model: nn.Module, num_classes: int) -> tuple[dict[str, nn.Module
 
     logits = W_c h_T + b_c with W_c (classes × H), so C = H · classes + classes.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-        raise MemplanError(f"--classes must be a positive integer, got {num_classes!r}")
     _freeze(model)
     emb = _input_embedding(model)
     head = nn.Linear(emb.embedding_dim, num_classes, device=emb.weight.device,
@@ -263,8 +261,6 @@ def _input_adapter(model: nn.Module) -> tuple[dict[str, nn.Module], LossFn]:
 def _prompt_tuning(model: nn.Module, prompt_tokens: int) -> tuple[dict[str, nn.Module], LossFn]:
     """P soft-prompt vectors, initialised from P random rows of the vocabulary (Lester et al.
     2021), prepended to the embeddings; labels get P leading -100s."""
-    if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens <= 0:
-        raise MemplanError(f"--prompt-tokens must be a positive integer, got {prompt_tokens!r}")
     _freeze(model)
     emb = _input_embedding(model)
     rows = torch.randint(emb.num_embeddings, (prompt_tokens,), device=emb.weight.device)
@@ -322,18 +318,7 @@ def prepare(model: nn.Module, regime: str | TrainSpec, *, lora: LoraSpec | None 
     """
     if isinstance(regime, TrainSpec):
         train = regime
-    else:
-        if regime not in REGIMES:
-            raise unknown("regime", regime, REGIMES)
-        if optimizer not in OPTIMIZERS:
-            raise unknown("optimizer", optimizer, OPTIMIZERS)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
-                or num_classes <= 0:
-            raise MemplanError(f"--classes must be a positive integer, got {num_classes!r}")
-        if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) \
-                or prompt_tokens <= 0:
-            raise MemplanError(f"--prompt-tokens must be a positive integer, got "
-                               f"{prompt_tokens!r}")
+    else:  # TrainSpec checks every option (regime, optimizer, classes, prompt tokens...)
         train = TrainSpec(regime=regime, lora=lora or LoraSpec(), optimizer=optimizer,
                           optimizer_impl=impl, num_classes=num_classes,
                           prompt_tokens=prompt_tokens, lora_backend=lora_backend,

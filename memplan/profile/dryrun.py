@@ -61,6 +61,7 @@ def dry_run(cfg: dict[str, Any], train: TrainSpec, steps: int = 1) -> DryRun:
     from memplan.nn.regimes import cast_floating
     from memplan.profile.step import output_tensors
     from memplan.profile.trackers import make_tracker
+    from memplan.recipe import choices_text
 
     r = train.recipe
     plain = r.trains in ("all", "lora") and not (r.nf4 or r.stage or r.fsdp or r.notes_mixed)
@@ -68,7 +69,8 @@ def dry_run(cfg: dict[str, Any], train: TrainSpec, steps: int = 1) -> DryRun:
             or r.grad_accum > 1 or r.optimizer not in ("adamw", "sgd", "sgd-momentum"):
         raise MemplanError(f"a model type with no profile is measured for regimes "
                            f"{', '.join(DRY_RUN_REGIMES)} only, as they are (torch.optim, no "
-                           f"autocast or accumulation); got {r.label}")
+                           f"autocast or accumulation); got --regime {train.regime} "
+                           f"({choices_text(train)})")
     batch, seq = train.batch or 1, train.seq or 1
     start = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=False):
